@@ -1,0 +1,21 @@
+# Set-up is part of every target: a fresh machine needs only python3 (3.10+) and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	# torch/torchvision pinned to the builds this project is tested with (2.14.1 / 0.29.1).
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+# The built-in demo: tiny ALBEF on a generated corpus, 2 CPU ranks under the deepspeed launcher.
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 albef_ds/train.py --deepspeed ds_configs/zero2.json
+
+test: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests

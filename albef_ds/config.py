@@ -1,0 +1,248 @@
+"""One typed configuration for model, data and training.
+
+Loaded from a yaml file (a path, or the name of a file in `albef_ds/configs/`), from a dict, or
+from one of those plus `dotted.key=value` overrides. Unknown keys are errors that name the key, so a
+typo stops the run before anything is built.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained with; the message names the key and the numbers."""
+
+
+@dataclass
+class VisionConfig:
+    timm_name: str = "deit_base_patch16_224"
+    # None: random init; True: timm's hub weights for `timm_name`; a path: a local weights file.
+    pretrained: Union[bool, str, None] = None
+    img_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    # None: random init; a hub name (`bert-base-uncased`) or a local folder of a transformers BERT.
+    pretrained: Optional[str] = None
+    tokenizer: str = "bert-base-uncased"
+    vocab_size: int = 30522
+    hidden: int = 768
+    layers: int = 12
+    fusion_start: int = 6
+    heads: int = 12
+    intermediate: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0            # special token ids: bert-base-uncased's; checked against
+    cls_token_id: int = 101          # the tokenizer before training starts
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+    mlm_probability: float = 0.15
+    # A checkpoint to start from: our single-file format or a released ALBEF file.
+    init_checkpoint: Optional[str] = None
+
+
+@dataclass
+class CorpusConfig:
+    name: str = ""
+    shards: list = field(default_factory=list)
+    samples: int = 0
+    weight: Optional[float] = None
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated corpus of coloured shapes used by the built-in demo and the tests."""
+    train_samples: int = 4096
+    heldout_samples: int = 256
+    samples_per_shard: int = 512
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    corpora: list = field(default_factory=list)
+    synthetic: Optional[SyntheticConfig] = None
+    epoch_samples: int = 0           # samples per epoch over all ranks; 0: sum of corpus sizes
+    workers: int = 2
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    max_words: int = 30
+    max_tokens: int = 30
+    augment: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64             # per rank, per micro-step
+    grad_accum: int = 1
+    epochs: int = 30
+    max_steps: int = 0               # 0: epochs x steps per epoch
+    lr: float = 1e-4
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.02
+    grad_clip: float = 5.0
+    seed: int = 42
+    log_every: int = 50
+    save_every: int = 2000
+    keep_last: int = 3
+    max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    output_dir: str = "output"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: Any, where: str):
+    if dataclasses.is_dataclass(values):
+        values = dataclasses.asdict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{where or 'root'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _convert(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, path):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if dataclasses.is_dataclass(arg):
+                return _build(arg, value, path)
+        for arg in args:
+            if arg is not type(None) and isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
+                return value
+        raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint.__name__}")
+    if path.endswith("corpora"):
+        return [_build(CorpusConfig, c, f"{path}[{i}]") for i, c in enumerate(value)]
+    return value
+
+
+def resolve_config_path(name: str) -> Path:
+    """A yaml path, or the name (with or without .yaml) of a config shipped in albef_ds/configs."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{name}' is neither a file nor a shipped config ({', '.join(shipped)})")
+
+
+def _read_yaml(path: Path) -> dict:
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    sibling = path.parent / base
+    parent = _read_yaml(sibling if sibling.is_file() else resolve_config_path(base))
+    return _merge(parent, values)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` strings; values are parsed as yaml (numbers, booleans, lists, null)."""
+    values = copy.deepcopy(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Optional[list[str]] = None) -> Config:
+    """A Config from a shipped config name, a yaml path, a dict or a Config, plus overrides."""
+    if isinstance(source, Config):
+        values = source.to_dict()
+    elif isinstance(source, dict):
+        values = source
+    else:
+        values = _read_yaml(resolve_config_path(source or "tiny"))
+    config = _build(Config, apply_overrides(values, overrides or []), "")
+    validate_model_config(config.model)
+    return config
+
+
+def validate_model_config(m: ModelConfig) -> None:
+    v, t = m.vision, m.text
+    if v.img_size % v.patch_size:
+        raise ConfigError(f"model.vision.img_size {v.img_size} is not a multiple of patch_size {v.patch_size}")
+    if v.width % v.heads or t.hidden % t.heads:
+        raise ConfigError(f"widths must divide by heads: vision {v.width}/{v.heads}, text {t.hidden}/{t.heads}")
+    if not 0 < t.fusion_start < t.layers:
+        raise ConfigError(f"model.text.fusion_start {t.fusion_start} must lie in (0, layers={t.layers})")
+    if not 0.0 < m.mlm_probability < 1.0:
+        raise ConfigError(f"model.mlm_probability {m.mlm_probability} must lie in (0, 1)")
+    if not 0.0 <= m.momentum < 1.0:
+        raise ConfigError(f"model.momentum {m.momentum} must lie in [0, 1)")

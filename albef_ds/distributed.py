@@ -1,0 +1,181 @@
+"""Everything that talks to other ranks.
+
+Each helper degrades to the identity in one process (torch.distributed not initialised), so the
+model runs unchanged on one CPU or GPU, and tests can compare one process with several.
+Every rank must call these in the same order: they are collectives.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _env_from_slurm() -> None:
+    """srun starts one task per GPU and describes it in SLURM_* variables; torch wants RANK etc."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if "MASTER_ADDR" not in env:
+        raise RuntimeError("running under srun without MASTER_ADDR: launch through slurm/common.sh, "
+                           "which sets MASTER_ADDR and MASTER_PORT from the allocation")
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def _env_from_mpi() -> None:
+    """mpirun: rank and size from mpi4py; rank 0's address is broadcast as MASTER_ADDR."""
+    env = os.environ
+    if "RANK" in env:
+        return
+    mpi_vars = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+    if not any(v in env for v in mpi_vars):
+        return
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    env["RANK"] = str(comm.Get_rank())
+    env["WORLD_SIZE"] = str(comm.Get_size())
+    host = socket.gethostname()
+    hosts = comm.allgather(host)
+    env["LOCAL_RANK"] = str(hosts[:comm.Get_rank()].count(host))
+    master = comm.bcast(socket.gethostbyname(host) if comm.Get_rank() == 0 else None, root=0)
+    env.setdefault("MASTER_ADDR", master)
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed() -> None:
+    """Initialises torch.distributed from whichever launcher started us: the deepspeed launcher
+    or torchrun (RANK/WORLD_SIZE), srun (SLURM_*), or mpirun (mpi4py). NCCL on GPU, gloo on CPU.
+    A plain `python train.py` runs as a single process of world size 1."""
+    if is_distributed():
+        return
+    _env_from_slurm()
+    _env_from_mpi()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of equally shaped tensors; no gradient."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+class _RowExchange:
+    """The routing of one fetch: which rows each rank asks of each other rank.
+
+    `index` holds global row ids (rank * rows_per_rank + local row). Requests are grouped by
+    owner; one all_to_all of counts and one of row ids tell every owner what to send.
+    """
+
+    def __init__(self, index: torch.Tensor, rows_per_rank: int):
+        world = world_size()
+        owner = index // rows_per_rank
+        self.order = torch.argsort(owner, stable=True)          # requests grouped by owner
+        self.recv_splits = torch.bincount(owner, minlength=world)
+        send_counts = torch.empty_like(self.recv_splits)
+        dist.all_to_all_single(send_counts, self.recv_splits)
+        self.send_splits = send_counts
+        wanted = (index % rows_per_rank)[self.order]
+        self.rows_to_send = torch.empty(int(send_counts.sum()), dtype=index.dtype, device=index.device)
+        dist.all_to_all_single(self.rows_to_send, wanted, self.send_splits.tolist(), self.recv_splits.tolist())
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        payload = local[self.rows_to_send].flatten(1).contiguous()
+        received = payload.new_empty((int(self.recv_splits.sum()), payload.shape[1]))
+        dist.all_to_all_single(received, payload, self.recv_splits.tolist(), self.send_splits.tolist())
+        out = torch.empty_like(received)
+        out[self.order] = received
+        return out.view(-1, *local.shape[1:])
+
+    def backward(self, grad: torch.Tensor, local_shape) -> torch.Tensor:
+        grouped = grad[self.order].flatten(1).contiguous()
+        returned = grouped.new_empty((self.rows_to_send.numel(), grouped.shape[1]))
+        dist.all_to_all_single(returned, grouped, self.send_splits.tolist(), self.recv_splits.tolist())
+        out = grad.new_zeros((local_shape[0], grouped.shape[1]))
+        out.index_add_(0, self.rows_to_send, returned)
+        return out.view(local_shape)
+
+
+class _FetchRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, exchange):
+        ctx.exchange, ctx.local_shape = exchange, local.shape
+        return exchange.forward(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.exchange.backward(grad.contiguous(), ctx.local_shape), None
+
+
+def fetch_rows(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of the global batch, by global row id, from whichever rank holds them.
+
+    Each tensor is this rank's rows [b, ...] (b equal on every rank); `index` [n] holds global row
+    ids. Only the requested rows travel (an all_to_all), so a rank sends and receives n rows per
+    tensor whatever the world size. Gradients flow back to the rank that owns each row.
+    """
+    if world_size() == 1:
+        return [t.index_select(0, index) for t in tensors]
+    exchange = _RowExchange(index, tensors[0].shape[0])
+    return [_FetchRows.apply(t, exchange) if t.requires_grad else exchange.forward(t) for t in tensors]
+
+
+def bytes_per_fetch(index: torch.Tensor, *tensors: torch.Tensor) -> int:
+    """Bytes this rank receives for one fetch_rows call (payload rows plus their row ids)."""
+    row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
+    return index.numel() * (row_bytes + 2 * index.element_size())

@@ -1,0 +1,247 @@
+"""BERT text encoder and fusion encoder for ALBEF, in plain PyTorch.
+
+One stack of BERT layers: layers [0, fusion_start) encode text alone; layers [fusion_start, layers)
+add cross-attention from the text states (queries) to the image tokens (keys/values). Module names
+follow transformers' BertForMaskedLM (`bert.embeddings...`, `bert.encoder.layer.N.attention.self.query`,
+`crossattention`, `cls.predictions...`), so pretrained BERT weights and released ALBEF checkpoints
+load by name. Attention runs through `F.scaled_dot_product_attention`, which picks the fused flash /
+memory-efficient kernels on GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TextConfig
+
+
+class QKV(nn.Module):
+    def __init__(self, hidden: int, kv_width: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual), BERT's post-norm output block."""
+
+    def __init__(self, width_in: int, hidden: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(width_in, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        self.heads = cfg.heads
+        self.dropout = cfg.attention_dropout
+        self.self = QKV(cfg.hidden, kv_width)
+        self.output = ResidualOutput(cfg.hidden, cfg.hidden, cfg.layer_norm_eps, cfg.hidden_dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def key_value(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_heads(self.self.key(source)), self.split_heads(self.self.value(source))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return out.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Self-attention; `mask` is boolean [B, 1, 1, L], True where a key may be attended."""
+        k, v = self.key_value(x)
+        return self.output(self.attend(self.split_heads(self.self.query(x)), k, v, mask), x)
+
+    def cross(self, x: torch.Tensor, images: Sequence[torch.Tensor],
+              segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Cross-attention of text rows to image tokens.
+
+        `segments` splits the text rows into consecutive runs (n_rows, group): row i of a run
+        attends to row i of `images[group]`. Each image group's keys and values are projected
+        once and shared by every run that uses it (MLM and the ITM positives and text negatives
+        all look at the same images), and no run copies another group's keys and values.
+        """
+        q = self.split_heads(self.self.query(x))
+        kv = [self.key_value(img) for img in images]
+        outs, start = [], 0
+        for n, group in segments:
+            k, v = kv[group]
+            outs.append(self.attend(q[start:start + n], k, v, None))
+            start += n
+        return self.output(torch.cat(outs) if len(outs) > 1 else outs[0], x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.intermediate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, image_width: Optional[int]):
+        super().__init__()
+        self.attention = Attention(cfg, cfg.hidden)
+        if image_width is not None:
+            self.crossattention = Attention(cfg, image_width)
+        self.intermediate = Intermediate(cfg)
+        self.output = ResidualOutput(cfg.intermediate, cfg.hidden, cfg.layer_norm_eps, cfg.hidden_dropout)
+
+    def forward(self, x, mask, images=None, segments=None):
+        x = self.attention(x, mask)
+        if images is not None:
+            x = self.crossattention.cross(x, images, segments)
+        return self.output(self.intermediate(x), x)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # ALBEF feeds one segment, so every token has token type 0.
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings.weight[0])
+        return self.dropout(self.LayerNorm(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(cfg, image_width if i >= cfg.fusion_start else None) for i in range(cfg.layers))
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg, image_width)
+
+
+class MLMTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMPredictions(nn.Module):
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = MLMTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.decoder.weight = word_embeddings.weight    # tied to the input embeddings
+        self.bias = self.decoder.bias                    # BERT's name for the output bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = MLMPredictions(cfg, word_embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+class BertTextFusion(nn.Module):
+    """The text encoder (layers below fusion_start), the fusion encoder (the rest) and the MLM head."""
+
+    def __init__(self, cfg: TextConfig, image_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = Bert(cfg, image_width)
+        self.cls = MLMHead(cfg, self.bert.embeddings.word_embeddings)
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _run(self, layers, x, *args):
+        for layer in layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, *args, use_reentrant=False)
+            else:
+                x = layer(x, *args)
+        return x
+
+    @staticmethod
+    def key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask.bool()[:, None, None, :]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only states [B, L, H] from the text layers."""
+        x = self.bert.embeddings(input_ids)
+        return self._run(self.bert.encoder.layer[:self.cfg.fusion_start], x, self.key_mask(attention_mask))
+
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+             images: Sequence[torch.Tensor], segments: Optional[Sequence[tuple[int, int]]] = None) -> torch.Tensor:
+        """Multimodal states [N, L, H] from the fusion layers (see Attention.cross for `segments`)."""
+        if segments is None:
+            segments = [(text_states.shape[0], 0)]
+        return self._run(self.bert.encoder.layer[self.cfg.fusion_start:], text_states,
+                         self.key_mask(attention_mask), list(images), list(segments))
+
+    def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        return self.cls(states)
+
+
+def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
+    """Loads transformers' BERT weights (hub name or local folder) by name; returns the keys that
+    the checkpoint did not provide (the cross-attention layers, which ALBEF initialises afresh)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf_cfg = BertConfig.from_pretrained(name_or_path)
+    cfg = module.cfg
+    expected = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
+                "num_attention_heads": cfg.heads, "intermediate_size": cfg.intermediate}
+    wrong = {k: (getattr(hf_cfg, k), v) for k, v in expected.items() if getattr(hf_cfg, k) != v}
+    if wrong:
+        raise ValueError(f"BERT weights at '{name_or_path}' do not match model.text: "
+                         + ", ".join(f"{k} is {got}, config says {want}" for k, (got, want) in wrong.items()))
+    state = BertForMaskedLM.from_pretrained(name_or_path).state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("bert.pooler")}
+    result = module.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"BERT weights at '{name_or_path}' have keys this model lacks: {result.unexpected_keys[:5]}")
+    fresh = [k for k in result.missing_keys if ".crossattention." not in k]
+    if fresh:
+        raise ValueError(f"BERT weights at '{name_or_path}' lack keys: {fresh[:5]}")
+    return result.missing_keys

@@ -1,0 +1,123 @@
+"""ALBEF's pretraining objectives as pure functions on tensors.
+
+Nothing here knows about modules, ranks or queues: callers pass the (possibly all-gathered)
+features and get losses back, so the same functions serve one process and a whole cluster.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def alpha_at(step: int, steps_per_epoch: int, alpha: float) -> float:
+    """Distillation weight: ramped linearly from 0 to `alpha` over the first epoch."""
+    return alpha * min(1.0, step / max(1, steps_per_epoch))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits))."""
+    return -(F.log_softmax(logits.float(), dim=-1) * targets).sum(-1).mean()
+
+
+def itc(image_feat: torch.Tensor, text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+        image_bank: torch.Tensor, text_bank: torch.Tensor,
+        positives: torch.Tensor, temp: torch.Tensor, alpha: float):
+    """Image-text contrastive loss with momentum distillation.
+
+    image_feat, text_feat: online features of the local rows [b, d] (L2-normalised).
+    image_feat_m, text_feat_m: momentum features of the same rows [b, d].
+    image_bank, text_bank: momentum features to contrast against [K, d]: the global batch
+        followed by the queue.
+    positives: bool [b, K], the positive columns of each local row (the row's own column in the
+        global batch, plus for retrieval every column with the same image id).
+    Returns (loss, sim_i2t, sim_t2i), the similarities [b, K] for hard-negative mining.
+    """
+    sim_i2t = image_feat @ text_bank.t() / temp
+    sim_t2i = text_feat @ image_bank.t() / temp
+    with torch.no_grad():
+        hard = positives.float() / positives.sum(1, keepdim=True)
+        target_i2t = alpha * F.softmax((image_feat_m @ text_bank.t() / temp).float(), 1) + (1 - alpha) * hard
+        target_t2i = alpha * F.softmax((text_feat_m @ image_bank.t() / temp).float(), 1) + (1 - alpha) * hard
+    loss = (soft_cross_entropy(sim_i2t, target_i2t) + soft_cross_entropy(sim_t2i, target_t2i)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def negative_weights(sim: torch.Tensor, positives: torch.Tensor):
+    """Sampling weights for hard negatives: softmax(sim) with every positive at zero.
+
+    Computed in fp32 (bf16 softmax underflows to all-zero rows, torch.multinomial's "invalid
+    multinomial distribution"). A row with no usable negative (a global batch of one, or every
+    item sharing the image id) gets uniform weights and valid=False, so the draw succeeds and the
+    caller drops that negative from the loss. Returns (weights [b, N], valid [b]).
+    """
+    weights = F.softmax(torch.nan_to_num(sim.float(), nan=0.0), dim=1).masked_fill(positives, 0.0)
+    valid = (~positives).any(1)
+    # softmax can underflow to 0 for every negative while negatives exist: fall back to uniform
+    # over the negatives, which is what softmax tends to as the similarities flatten.
+    underflow = valid & (weights.sum(1) <= 0)
+    weights[underflow] = (~positives[underflow]).float()
+    weights[~valid] = 1.0
+    return weights, valid
+
+
+def sample_negatives(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One negative column per row, drawn in proportion to `weights`."""
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm(logits: torch.Tensor, valid: torch.Tensor):
+    """Image-text matching loss on [positives (b) | negatives (2b)] rows of 2-way logits.
+
+    valid: bool [2b], negatives to keep (see negative_weights). Returns (loss, accuracy).
+    """
+    b = logits.shape[0] // 3
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
+    keep = torch.cat([torch.ones(b, dtype=torch.bool, device=logits.device), valid])
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+    loss = (per_row * keep).sum() / keep.sum()
+    acc = ((logits.argmax(1) == labels) & keep).sum().float() / keep.sum()
+    return loss, acc
+
+
+def mlm_mask(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, pad_token_id: int,
+             cls_token_id: int, probability: float = 0.15,
+             generator: Optional[torch.Generator] = None):
+    """BERT masking: each token except PAD and CLS is chosen with `probability`; of the chosen,
+    80% become [MASK], 10% a random token, 10% stay. Returns (masked_ids, labels) with labels
+    IGNORE where nothing is predicted."""
+    device = input_ids.device
+
+    def uniform():
+        return torch.rand(input_ids.shape, generator=generator, device=device)
+
+    chosen = (uniform() < probability) & (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    draw = uniform()
+    to_mask = chosen & (draw < 0.8)
+    to_random = chosen & (draw >= 0.8) & (draw < 0.9)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor], alpha: float):
+    """Masked language modelling with momentum distillation, on the predicted positions only.
+
+    logits, logits_m: [M, V] at the M masked positions; labels [M].
+    loss = (1 - alpha) * CE(logits, labels) + alpha * soft-CE(logits, softmax(logits_m)).
+    Returns (loss, accuracy). With no masked token the loss is a graph-connected zero.
+    """
+    if labels.numel() == 0:
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    loss = F.cross_entropy(logits.float(), labels)
+    if logits_m is not None and alpha > 0:
+        loss = (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(logits_m.float(), -1))
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc

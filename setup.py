@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="albef_ds",
+    version="0.1.0",
+    description="ALBEF vision-language pretraining at cluster scale with DeepSpeed ZeRO",
+    packages=find_packages(include=["albef_ds", "albef_ds.*"]),
+    package_data={"albef_ds": ["configs/*.yaml", "configs/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.16",
+        "timm>=1.0",
+        "transformers>=4.45",
+        "webdataset>=0.2.90",
+        "mpi4py>=4.0",
+        "mpich>=4.2",
+        "tensorboard>=2.16",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

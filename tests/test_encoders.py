@@ -1,0 +1,129 @@
+"""The encoders load pretrained weights through timm / transformers and reproduce their outputs."""
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from albef_ds.config import TextConfig, VisionConfig
+from albef_ds.models.bert import BertTextFusion, load_hf_bert
+from albef_ds.models.vit import build_vit, resize_pos_embed
+
+HF = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+          attention_probs_dropout_prob=0.0)
+
+
+def text_cfg(path=None):
+    return TextConfig(pretrained=path, vocab_size=120, hidden=32, layers=4, fusion_start=2, heads=4,
+                      intermediate=64, max_position=40, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def saved_bert(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("bert")
+    BertForMaskedLM(BertConfig(**HF)).save_pretrained(path)
+    return str(path)
+
+
+def text_batch():
+    ids = torch.randint(5, 120, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+def test_text_layers_match_transformers(saved_bert):
+    ours = BertTextFusion(text_cfg(), image_width=32).eval()
+    missing = load_hf_bert(ours, saved_bert)
+    assert missing and all(".crossattention." in k for k in missing)
+    hf = BertModel.from_pretrained(saved_bert, attn_implementation="eager").eval()
+    ids, mask = text_batch()
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        got = ours.encode_text(ids, mask)
+    keep = mask.bool()
+    assert (got - expected)[keep].abs().max() <= 1e-5
+
+
+def test_mlm_head_matches_transformers_and_is_tied(saved_bert):
+    ours = BertTextFusion(text_cfg(), image_width=32).eval()
+    load_hf_bert(ours, saved_bert)
+    hf = BertForMaskedLM.from_pretrained(saved_bert).eval()
+    h = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.mlm_logits(h), hf.cls(h), atol=1e-5)
+    assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
+
+
+def test_fusion_layers_match_transformers_cross_attention_layers():
+    torch.manual_seed(2)
+    hf_cfg = BertConfig(**HF, is_decoder=True, add_cross_attention=True)
+    hf_cfg._attn_implementation = "eager"
+    hf = BertModel(hf_cfg, add_pooling_layer=False).eval()
+    ours = BertTextFusion(text_cfg(), image_width=32).eval()
+    state = {k: v for k, v in hf.state_dict().items()
+             if ".crossattention." not in k or int(k.split(".")[2]) >= 2}
+    result = ours.bert.load_state_dict(state, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids, mask = text_batch()
+    images = torch.randn(3, 9, 32)
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        x = ours.encode_text(ids, mask)
+        expected = x
+        for layer in hf.encoder.layer[2:]:
+            expected = layer(expected, attention_mask=additive, encoder_hidden_states=images)
+        got = ours.fuse(x, mask, [images])
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_fusion_segments_equal_separate_passes():
+    ours = BertTextFusion(text_cfg(), image_width=24).eval()
+    ids, mask = text_batch()
+    a, b = torch.randn(3, 9, 24), torch.randn(3, 9, 24)
+    with torch.no_grad():
+        x = ours.encode_text(ids, mask)
+        joint = ours.fuse(torch.cat([x, x]), torch.cat([mask, mask]), [a, b], [(3, 0), (3, 1)])
+        assert torch.allclose(joint[:3], ours.fuse(x, mask, [a]), atol=1e-6)
+        assert torch.allclose(joint[3:], ours.fuse(x, mask, [b]), atol=1e-6)
+
+
+def test_bert_shape_mismatch_is_named(saved_bert):
+    cfg = text_cfg()
+    cfg.hidden = 64
+    with pytest.raises(ValueError, match="hidden_size is 32, config says 64"):
+        load_hf_bert(BertTextFusion(cfg, image_width=64), saved_bert)
+
+
+def vision_cfg(**kw):
+    base = dict(timm_name="deit_base_patch16_224", img_size=32, patch_size=8, width=48, depth=2, heads=3)
+    base.update(kw)
+    return VisionConfig(**base)
+
+
+def test_vit_loads_timm_weights_file_and_resizes_pos_embed(tmp_path):
+    reference = timm.create_model("deit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                  embed_dim=48, depth=2, num_heads=3, num_classes=0).eval()
+    path = tmp_path / "deit_tiny.pth"
+    torch.save(reference.state_dict(), path)
+
+    ours = build_vit(vision_cfg(pretrained=str(path))).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.forward_features(images), reference.forward_features(images), atol=1e-6)
+    assert ours.blocks[0].norm1.eps == 1e-6 and ours.blocks[0].attn.qkv.bias is not None
+
+    bigger = build_vit(vision_cfg(pretrained=str(path), img_size=48))
+    assert bigger.pos_embed.shape == (1, 1 + 36, 48)
+    expected = resample_abs_pos_embed(reference.pos_embed, new_size=(6, 6), num_prefix_tokens=1)
+    assert torch.allclose(bigger.pos_embed, expected, atol=1e-5)
+    assert torch.allclose(resize_pos_embed(reference.pos_embed.detach(), 48, 8), expected, atol=1e-5)
+    assert torch.equal(bigger.pos_embed[:, :1], reference.pos_embed[:, :1])
+
+
+def test_vit_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_vit(vision_cfg(pretrained=str(tmp_path / "nowhere.pth")))

@@ -1,0 +1,152 @@
+"""The ALBEF model in one process: API, gradients, queues, momentum, and that it learns."""
+import pytest
+import torch
+import yaml
+
+import albef_ds
+from albef_ds.config import ConfigError, load_config
+from albef_ds.momentum import MomentumEMA, momentum_parameter_pairs
+from helpers import tiny_batch, tiny_model_config
+
+KEYS = {"loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc", "mlm_acc"}
+
+
+def test_build_model_from_name_path_and_dict(tmp_path):
+    by_name = albef_ds.build_model("tiny")
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny", "model": {"embed_dim": 48}}))
+    assert albef_ds.build_model(str(path)).vision_proj.out_features == 48
+    as_dict = albef_ds.build_model(load_config("tiny").to_dict())
+    assert sum(p.numel() for p in as_dict.parameters()) == sum(p.numel() for p in by_name.parameters())
+    with pytest.raises(ConfigError, match="model.vision.widht"):
+        load_config("tiny", ["model.vision.widht=3"])
+
+
+def test_base_config_is_the_paper_model():
+    cfg = load_config("base").model
+    assert (cfg.vision.width, cfg.vision.depth, cfg.vision.heads, cfg.vision.img_size) == (768, 12, 12, 256)
+    assert (cfg.text.hidden, cfg.text.layers, cfg.text.fusion_start) == (768, 12, 6)
+    assert (cfg.embed_dim, cfg.queue_size, cfg.momentum, cfg.temp) == (256, 65536, 0.995, 0.07)
+
+
+def test_forward_outputs_and_inference_api():
+    model = albef_ds.build_model(tiny_model_config())
+    images, ids, mask = tiny_batch(model.cfg, 6)
+    out = model(images, ids, mask, alpha=0.4)
+    assert set(out) == KEYS and all(torch.isfinite(v) for v in out.values())
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_mlm"])
+    model.eval()
+    with torch.no_grad():
+        img, txt = model.image_features(images), model.text_features(ids, mask)
+        scores = model.itm_scores(images, ids, mask)
+    assert img.shape == txt.shape == (6, model.cfg.embed_dim)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(6)) and torch.allclose(txt.norm(dim=-1), torch.ones(6))
+    assert scores.shape == (6,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_batch_of_one_is_finite():
+    model = albef_ds.build_model(tiny_model_config())
+    images, ids, mask = tiny_batch(model.cfg, 1)
+    out = model(images, ids, mask, alpha=0.4)
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+
+
+def test_gradients_reach_online_weights_and_never_momentum_weights():
+    model = albef_ds.build_model(tiny_model_config())
+    images, ids, mask = tiny_batch(model.cfg, 4)
+    model(images, ids, mask, alpha=0.4)["loss"].backward()
+    momentum = {id(pm) for _, pm in momentum_parameter_pairs(model)}
+    for name, p in model.named_parameters():
+        if id(p) in momentum:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad} == {
+        "visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m"}
+
+
+def test_caller_supplied_masking_is_used():
+    model = albef_ds.build_model(tiny_model_config()).eval()
+    images, ids, mask = tiny_batch(model.cfg, 4)
+    masked, labels = model.mask_text(ids)
+    a = model(images, ids, mask, masked_ids=masked, mlm_labels=labels)
+    b = model(images, ids, mask, masked_ids=masked, mlm_labels=labels)
+    assert torch.allclose(a["loss_mlm"], b["loss_mlm"]) and torch.allclose(a["loss_itc"], b["loss_itc"])
+
+
+def test_queue_wraps_around_for_any_batch_size():
+    model = albef_ds.build_model(tiny_model_config(**{"model.queue_size": 10}))
+    images, ids, mask = tiny_batch(model.cfg, 4)
+    feats = []
+    for step in range(3):
+        model(images, ids, mask)
+        feats.append(model.image_queue.clone())
+    assert int(model.queue_ptr) == 2                        # 12 written, wrapped at 10
+    # the third batch went to slots 8, 9, 0, 1: slot 0 now differs from what the first batch wrote
+    assert not torch.equal(feats[1][:, 0], feats[2][:, 0]) and torch.equal(feats[1][:, 2:8], feats[2][:, 2:8])
+    model.eval()
+    model(images, ids, mask)
+    assert int(model.queue_ptr) == 2                        # evaluation never writes the queue
+    with pytest.raises(ValueError, match="global batch 11 is larger than the queue"):
+        model.enqueue(torch.zeros(11, model.cfg.embed_dim), torch.zeros(11, model.cfg.embed_dim))
+
+
+def test_ema_equals_closed_form_after_k_updates():
+    torch.manual_seed(0)
+    model = albef_ds.build_model(tiny_model_config())
+    m = model.cfg.momentum
+    pairs = momentum_parameter_pairs(model)
+    start = [pm.detach().clone() for _, pm in pairs]
+    ema = MomentumEMA(model, m)
+    history = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p, _ in pairs:
+                p.add_(torch.randn_like(p))
+        history.append([p.detach().clone() for p, _ in pairs])
+        ema.update()
+    k = len(history)
+    for i, (_, pm) in enumerate(pairs):
+        expected = m ** k * start[i].double()
+        for j, online in enumerate(history):
+            expected += (1 - m) * m ** (k - 1 - j) * online[i].double()
+        assert torch.allclose(pm.double(), expected, atol=1e-5)
+
+
+def test_ema_accumulates_in_fp32_for_bf16_weights():
+    model = albef_ds.build_model(tiny_model_config()).bfloat16()
+    pairs = momentum_parameter_pairs(model)
+    ema = MomentumEMA(model, 0.995)
+    p, pm = pairs[0]
+    with torch.no_grad():
+        pm.fill_(1.0)
+        ema.fp32[0].fill_(1.0)
+        p.fill_(1.5)
+    for _ in range(20):
+        ema.update()
+    expected = 1.5 - 0.5 * 0.995 ** 20                       # 1.0475; bf16 alone would stay at 1.0
+    assert abs(ema.fp32[0].flatten()[0].item() - expected) < 1e-5
+    assert abs(pm.float().flatten()[0].item() - expected) < 1e-2
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    # alpha=0, as at the start of training: with distillation on, the targets come from a momentum
+    # model that moves 0.5% a step, which bounds the loss from below over only 100 steps.
+    torch.manual_seed(0)
+    model = albef_ds.build_model(tiny_model_config())
+    images, ids, mask = tiny_batch(model.cfg, 8)
+    masked, labels = model.mask_text(ids)
+    ema = MomentumEMA(model, model.cfg.momentum)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(100):
+        out = model(images, ids, mask, alpha=0.0, masked_ids=masked, mlm_labels=labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.clamp_temperature_()
+        ema.update()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    assert 0.001 <= model.temp.item() <= 0.5

@@ -115,6 +115,11 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
+# Bytes this rank has received through fetch_rows (rows, their gradients, row ids), for benchmarks
+# and tests.
+traffic = {"fetch_bytes": 0}
+
+
 class _RowExchange:
     """The routing of one fetch: which rows each rank asks of each other rank.
 
@@ -133,11 +138,14 @@ class _RowExchange:
         wanted = (index % rows_per_rank)[self.order]
         self.rows_to_send = torch.empty(int(send_counts.sum()), dtype=index.dtype, device=index.device)
         dist.all_to_all_single(self.rows_to_send, wanted, self.send_splits.tolist(), self.recv_splits.tolist())
+        # (plus world_size request counts of 8 bytes, the only part that grows with the world)
+        traffic["fetch_bytes"] += self.rows_to_send.numel() * index.element_size()
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
         payload = local[self.rows_to_send].flatten(1).contiguous()
         received = payload.new_empty((int(self.recv_splits.sum()), payload.shape[1]))
         dist.all_to_all_single(received, payload, self.recv_splits.tolist(), self.send_splits.tolist())
+        traffic["fetch_bytes"] += received.numel() * received.element_size()
         out = torch.empty_like(received)
         out[self.order] = received
         return out.view(-1, *local.shape[1:])
@@ -146,6 +154,7 @@ class _RowExchange:
         grouped = grad[self.order].flatten(1).contiguous()
         returned = grouped.new_empty((self.rows_to_send.numel(), grouped.shape[1]))
         dist.all_to_all_single(returned, grouped, self.send_splits.tolist(), self.recv_splits.tolist())
+        traffic["fetch_bytes"] += returned.numel() * returned.element_size()
         out = grad.new_zeros((local_shape[0], grouped.shape[1]))
         out.index_add_(0, self.rows_to_send, returned)
         return out.view(local_shape)
@@ -173,9 +182,3 @@ def fetch_rows(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor
         return [t.index_select(0, index) for t in tensors]
     exchange = _RowExchange(index, tensors[0].shape[0])
     return [_FetchRows.apply(t, exchange) if t.requires_grad else exchange.forward(t) for t in tensors]
-
-
-def bytes_per_fetch(index: torch.Tensor, *tensors: torch.Tensor) -> int:
-    """Bytes this rank receives for one fetch_rows call (payload rows plus their row ids)."""
-    row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
-    return index.numel() * (row_bytes + 2 * index.element_size())

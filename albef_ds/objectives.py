@@ -65,9 +65,16 @@ def negative_weights(sim: torch.Tensor, positives: torch.Tensor):
     return weights, valid
 
 
-def sample_negatives(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One negative column per row, drawn in proportion to `weights`."""
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+def sample_negatives(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One negative column per row, drawn in proportion to `weights` by inverting the row's CDF at
+    the row's uniform number in [0, 1). Unlike torch.multinomial, row i's draw depends on row i
+    alone, so a batch split over ranks draws what one process draws for the whole batch."""
+    cdf = weights.cumsum(1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=weights.shape[1] - 1)
+    # a uniform that rounds onto the total can land past the last non-zero weight
+    landed_on_zero = weights.gather(1, index[:, None]).squeeze(1) <= 0
+    return torch.where(landed_on_zero, weights.argmax(1), index)
 
 
 def itm(logits: torch.Tensor, valid: torch.Tensor):
@@ -86,23 +93,28 @@ def itm(logits: torch.Tensor, valid: torch.Tensor):
 
 def mlm_mask(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, pad_token_id: int,
              cls_token_id: int, probability: float = 0.15,
-             generator: Optional[torch.Generator] = None):
+             generator: Optional[torch.Generator] = None, rows: Optional[tuple[int, int]] = None):
     """BERT masking: each token except PAD and CLS is chosen with `probability`; of the chosen,
     80% become [MASK], 10% a random token, 10% stay. Returns (masked_ids, labels) with labels
-    IGNORE where nothing is predicted."""
-    device = input_ids.device
+    IGNORE where nothing is predicted.
 
-    def uniform():
-        return torch.rand(input_ids.shape, generator=generator, device=device)
+    rows=(offset, total): these rows are rows [offset, offset + b) of a batch of `total` rows split
+    over ranks; the random numbers are drawn for the whole batch and sliced, so every split of a
+    batch masks it as one process would.
+    """
+    b, length = input_ids.shape
+    offset, total = rows or (0, b)
 
-    chosen = (uniform() < probability) & (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    def draw(fn, *args):
+        return fn(*args, (total, length), generator=generator, device=generator.device if generator
+                  else input_ids.device)[offset:offset + b].to(input_ids.device)
+
+    chosen = (draw(torch.rand) < probability) & (input_ids != pad_token_id) & (input_ids != cls_token_id)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
-    draw = uniform()
-    to_mask = chosen & (draw < 0.8)
-    to_random = chosen & (draw >= 0.8) & (draw < 0.9)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
-    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
-    masked = torch.where(to_random, random_ids, masked)
+    kind = draw(torch.rand)
+    random_ids = draw(torch.randint, vocab_size)
+    masked = torch.where(chosen & (kind < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
     return masked, labels
 
 

@@ -26,3 +26,46 @@ def tiny_batch(cfg, batch_size: int = 8, seed: int = 0):
     ids, mask = tokenize(tok, captions, 16)
     images = torch.randn(batch_size, 3, cfg.vision.img_size, cfg.vision.img_size, generator=g)
     return images, ids, mask
+
+
+def _rank_entry(rank, world, port, fn, args, out_dir):
+    import os
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world, *args):
+    """Runs fn(rank, world, *args) in `world` real processes joined by a gloo process group and
+    returns their results in rank order. fn must be importable (a module-level function)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.start_processes(_rank_entry, args=(world, port, fn, args, out_dir), nprocs=world,
+                               start_method="spawn")
+        except Exception as exc:
+            import glob
+            errors = "".join(open(p).read() for p in sorted(glob.glob(f"{out_dir}/*.err")))
+            raise AssertionError(f"a rank failed:\n{errors or exc}") from None
+        return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]

@@ -65,7 +65,7 @@ def test_hard_negatives_never_pick_positive_or_same_id():
     sim[positives] = 50.0          # positives most similar: the worst case for a bug
     weights, valid = objectives.negative_weights(sim, positives)
     assert valid.all()
-    draws = torch.stack([objectives.sample_negatives(weights) for _ in range(2000)], 1)
+    draws = torch.stack([objectives.sample_negatives(weights, torch.rand(8)) for _ in range(2000)], 1)
     chosen_ids = ids[draws]
     assert (chosen_ids != ids[:, None]).all()
 
@@ -75,10 +75,11 @@ def test_hard_negatives_finite_in_bf16_and_for_batch_of_one():
     positives = torch.tensor([[True, False, False]])
     weights, valid = objectives.negative_weights(sim, positives)
     assert torch.isfinite(weights).all() and weights[0, 0] == 0 and weights.sum() > 0 and valid.all()
-    assert objectives.sample_negatives(weights).item() in (1, 2)
+    assert objectives.sample_negatives(weights, torch.rand(1)).item() in (1, 2)
+    assert objectives.sample_negatives(weights, torch.ones(1)).item() in (1, 2)    # u at the top edge
 
     weights, valid = objectives.negative_weights(torch.tensor([[3.0]]), torch.tensor([[True]]))
-    assert not valid.any() and objectives.sample_negatives(weights).item() == 0
+    assert not valid.any() and objectives.sample_negatives(weights, torch.rand(1)).item() == 0
     logits = torch.randn(3, 2, requires_grad=True)
     loss, acc = objectives.itm(logits, torch.cat([valid, valid]))
     assert torch.isfinite(loss)
@@ -86,6 +87,22 @@ def test_hard_negatives_finite_in_bf16_and_for_batch_of_one():
     assert torch.allclose(loss, expected)
     loss.backward()
     assert (logits.grad[1:] == 0).all()
+
+
+def test_negatives_follow_the_weights():
+    weights = torch.tensor([[0.0, 0.2, 0.8, 0.0]]).repeat(20000, 1)
+    draws = objectives.sample_negatives(weights, torch.rand(20000))
+    counts = torch.bincount(draws, minlength=4).float() / 20000
+    assert counts[0] == 0 and counts[3] == 0 and abs(counts[2].item() - 0.8) < 0.02
+
+
+def test_split_batch_masks_and_draws_like_one_process():
+    ids = torch.randint(9, 166, (6, 12))
+    whole = objectives.mlm_mask(ids, 166, 8, 0, 6, generator=torch.Generator().manual_seed(3))
+    for offset in (0, 3):
+        part = objectives.mlm_mask(ids[offset:offset + 3], 166, 8, 0, 6,
+                                   generator=torch.Generator().manual_seed(3), rows=(offset, 6))
+        assert torch.equal(part[0], whole[0][offset:offset + 3]) and torch.equal(part[1], whole[1][offset:offset + 3])
 
 
 def test_itm_matches_loop_reference():

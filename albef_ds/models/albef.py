@@ -67,7 +67,9 @@ class ALBEF(nn.Module):
 
     # ---- inference API -------------------------------------------------------------------
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual_encoder.forward_features(images)
+        """All image tokens [B, 1 + P, width]. Calls the ViT's forward (not forward_features) so
+        ZeRO-3's hooks gather its top-level weights (cls_token, pos_embed)."""
+        return self.visual_encoder(images)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [B, embed_dim]."""
@@ -97,38 +99,41 @@ class ALBEF(nn.Module):
         return self.text_encoder.mlm_logits(fused)
 
     # ---- training ------------------------------------------------------------------------
-    def mask_text(self, input_ids: torch.Tensor):
+    def mask_text(self, input_ids: torch.Tensor, generator=None, rows=None):
         t = self.cfg.text
         return objectives.mlm_mask(input_ids, t.vocab_size, t.mask_token_id, t.pad_token_id,
-                                   t.cls_token_id, self.cfg.mlm_probability)
+                                   t.cls_token_id, self.cfg.mlm_probability, generator, rows)
 
     def forward(self, images, input_ids, attention_mask, alpha: float = 0.0, image_ids=None,
-                masked_ids=None, mlm_labels=None) -> dict:
+                masked_ids=None, mlm_labels=None, generator=None) -> dict:
         """All three pretraining losses for one (local) batch.
 
         With several ranks, ITC contrasts against the global batch and the hard negatives are
-        drawn from it (see albef_ds.distributed). Returns loss, loss_itc, loss_itm, loss_mlm,
-        itm_acc, mlm_acc.
+        drawn from it (see albef_ds.distributed). `generator` (optional) drives the masking and
+        the negative draws; its numbers are drawn for the global batch and sliced, so the same
+        seed gives the same masks and negatives on any number of ranks. Returns loss, loss_itc,
+        loss_itm, loss_mlm, itm_acc, mlm_acc.
         """
         b = images.shape[0]
+        rows = (dist.rank() * b, dist.world_size() * b)
         # Functional clamp: an in-place clamp would be lost on a ZeRO-3 gathered copy. The trainer
         # also clamps the stored value after each step (clamp_temperature_), as ALBEF does, so the
         # parameter never drifts out of range where this clamp would stop its gradient.
         temp = self.temp.clamp(*TEMP_RANGE)
         if masked_ids is None:
-            masked_ids, mlm_labels = self.mask_text(input_ids)
+            masked_ids, mlm_labels = self.mask_text(input_ids, generator, rows)
         predicted = mlm_labels != objectives.IGNORE
         ids2 = torch.cat([input_ids, masked_ids])
         mask2 = torch.cat([attention_mask, attention_mask])
 
-        image_embeds = self.visual_encoder.forward_features(images)
+        image_embeds = self.image_embeds(images)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
         text_states = self.text_encoder.encode_text(ids2, mask2)      # [plain | masked] text
         text_embeds, masked_embeds = text_states[:b], text_states[b:]
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
         with torch.no_grad():
-            image_embeds_m = self.visual_encoder_m.forward_features(images)
+            image_embeds_m = self.visual_encoder_m(images)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_states_m = self.text_encoder_m.encode_text(ids2, mask2)
             text_feat_m = F.normalize(self.text_proj_m(text_states_m[:b, 0]), dim=-1)
@@ -156,8 +161,10 @@ class ALBEF(nn.Module):
         with torch.no_grad():
             weights_i2t, valid_i = objectives.negative_weights(sim_i2t[:, :n], positives[:, :n])
             weights_t2i, valid_t = objectives.negative_weights(sim_t2i[:, :n], positives[:, :n])
-            neg_text = objectives.sample_negatives(weights_i2t)     # a text for each image
-            neg_image = objectives.sample_negatives(weights_t2i)    # an image for each text
+            uniforms = torch.rand(2, n, generator=generator, device=generator.device if generator
+                                  else images.device)[:, rows[0]:rows[0] + b].to(images.device)
+            neg_text = objectives.sample_negatives(weights_i2t, uniforms[0])   # a text for each image
+            neg_image = objectives.sample_negatives(weights_t2i, uniforms[1])  # an image for each text
         (neg_image_embeds,) = dist.fetch_rows(neg_image, image_embeds)
         neg_text_embeds, neg_text_mask = dist.fetch_rows(neg_text, text_embeds, attention_mask)
 

@@ -1,0 +1,74 @@
+"""One-process training-step benchmark of the ALBEF model (no DeepSpeed): time per step and peak RSS.
+
+    python tools/bench_model.py --config base --batch 4 --threads 2 --steps 3 --json out.json
+
+Random init (no hub download); the step is forward (all three losses), backward, AdamW, EMA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+import albef_ds
+from albef_ds.config import load_config
+from albef_ds.momentum import MomentumEMA
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="base")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = load_config(args.config, ["model.vision.pretrained=null", "model.text.pretrained=null"] + args.overrides)
+    model = albef_ds.build_model(cfg.model).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)
+    ema = MomentumEMA(model, cfg.model.momentum)
+    size = cfg.model.vision.img_size
+    images = torch.randn(args.batch, 3, size, size)
+    ids = torch.randint(1000, cfg.model.text.vocab_size, (args.batch, cfg.data.max_tokens))
+    ids[:, 0] = cfg.model.text.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[:, cfg.data.max_tokens // 2:] = 0
+    ids[mask == 0] = cfg.model.text.pad_token_id
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        out = model(images, ids, mask, alpha=0.4)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        model.clamp_temperature_()
+        ema.update()
+        elapsed = time.perf_counter() - start
+        if step >= args.warmup:
+            times.append(elapsed)
+        print(f"step {step}: {elapsed:.2f} s  loss {out['loss'].item():.3f}  peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    result = {"config": args.config, "batch": args.batch, "threads": args.threads, "dtype": "fp32",
+              "step_s_mean": sum(times) / len(times), "step_s_min": min(times), "peak_rss_gb": peak_rss_gb(),
+              "params_trainable": sum(p.numel() for p in params), "torch": torch.__version__}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,8 +9,6 @@ the local partition: a 0.005-sized step would otherwise round away.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torch import nn
 
@@ -33,15 +31,13 @@ def momentum_parameter_pairs(model) -> list[tuple[nn.Parameter, nn.Parameter]]:
 class MomentumEMA:
     """momentum = m * momentum + (1 - m) * online, applied once per optimizer step.
 
-    `online_source(param)` may return a higher-precision local copy of an online weight (the
-    optimizer's fp32 master partition); by default the stored weight is used.
+    The online side is read as stored (bf16 under mixed precision): its rounding is unbiased and
+    far below the 0.005 step, whereas accumulating the momentum itself in bf16 is not.
     """
 
-    def __init__(self, model, momentum: float,
-                 online_source: Optional[Callable[[nn.Parameter], torch.Tensor]] = None):
+    def __init__(self, model, momentum: float):
         self.momentum = momentum
         self.pairs = momentum_parameter_pairs(model)
-        self.online_source = online_source or local_data
         self.fp32 = [None if local_data(pm).dtype == torch.float32 else local_data(pm).float().clone()
                      for _, pm in self.pairs]
 
@@ -51,7 +47,7 @@ class MomentumEMA:
         for (p, pm), acc in zip(self.pairs, self.fp32):
             dst = local_data(pm)
             target = dst if acc is None else acc
-            target.mul_(m).add_(self.online_source(p).to(target.dtype), alpha=1.0 - m)
+            target.mul_(m).add_(local_data(p).to(target.dtype), alpha=1.0 - m)
             if acc is not None:
                 dst.copy_(acc)
 
@@ -59,14 +55,23 @@ class MomentumEMA:
         """Momentum elements held by this rank (for the memory report)."""
         return sum(local_data(pm).numel() for _, pm in self.pairs)
 
-    def state_dict(self) -> dict:
-        return {"momentum": self.momentum,
-                "fp32": [acc for acc in self.fp32] if any(a is not None for a in self.fp32) else None}
+    def partitioned(self) -> bool:
+        return any(hasattr(pm, "ds_tensor") for _, pm in self.pairs)
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("fp32") is None:
-            return
-        for i, acc in enumerate(state["fp32"]):
-            if acc is not None:
-                self.fp32[i] = acc.to(local_data(self.pairs[i][1]).device).float()
-                local_data(self.pairs[i][1]).copy_(self.fp32[i])
+    def local_state(self) -> list[torch.Tensor]:
+        """This rank's momentum values at training precision (fp32 shadow where there is one)."""
+        return [(acc if acc is not None else local_data(pm)).detach().cpu().clone()
+                for (_, pm), acc in zip(self.pairs, self.fp32)]
+
+    @torch.no_grad()
+    def load_local_state(self, values: list[torch.Tensor]) -> None:
+        if len(values) != len(self.pairs):
+            raise ValueError(f"momentum state has {len(values)} tensors, the model {len(self.pairs)}")
+        for i, ((_, pm), value) in enumerate(zip(self.pairs, values)):
+            dst = local_data(pm)
+            if value.shape != dst.shape:
+                raise ValueError(f"momentum tensor {i} has shape {tuple(value.shape)}, this rank holds "
+                                 f"{tuple(dst.shape)} (resume with the same ZeRO stage and world size)")
+            if self.fp32[i] is not None:
+                self.fp32[i].copy_(value)
+            dst.copy_(value)

@@ -150,3 +150,13 @@ def test_tiny_model_overfits_a_fixed_batch():
         losses.append(out["loss"].item())
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     assert 0.001 <= model.temp.item() <= 0.5
+
+
+def test_non_finite_features_never_reach_the_queue():
+    model = albef_ds.build_model(tiny_model_config())
+    images, ids, mask = tiny_batch(model.cfg, 4)
+    before = model.image_queue.clone()
+    images[0, 0, 0, 0] = float("nan")
+    out = model(images, ids, mask)
+    assert not torch.isfinite(out["loss"])
+    assert torch.equal(model.image_queue, before) and int(model.queue_ptr) == 0

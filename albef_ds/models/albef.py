@@ -33,7 +33,8 @@ class ALBEF(nn.Module):
         self.vision_proj = nn.Linear(v.width, cfg.embed_dim)
         self.text_proj = nn.Linear(t.hidden, cfg.embed_dim)
         self.itm_head = nn.Linear(t.hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        # shape [1], not 0-d as in the released checkpoints: DeepSpeed broadcasts parameters as bytes.
+        self.temp = nn.Parameter(torch.tensor([cfg.temp]))
 
         # Momentum (EMA) copies: built without pretrained weights, then copied from the online side.
         self.visual_encoder_m = build_vit(dataclasses.replace(v, pretrained=None))
@@ -186,14 +187,16 @@ class ALBEF(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids=None) -> None:
         """Writes the global batch's momentum features at the pointer, wrapping around, so any
-        global batch size up to the queue size works (the batch need not divide the queue)."""
+        global batch size up to the queue size works (the batch need not divide the queue).
+        A batch with non-finite features (a corrupt input) is not written: it would poison every
+        later step. Runs without a host sync."""
         n, size = image_feat.shape[0], self.cfg.queue_size
         if n > size:
             raise ValueError(f"global batch {n} is larger than the queue ({size})")
-        ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(n, device=image_feat.device)) % size
-        self.image_queue[:, slots] = image_feat.t().to(self.image_queue.dtype)
-        self.text_queue[:, slots] = text_feat.t().to(self.text_queue.dtype)
+        ok = torch.isfinite(image_feat).all() & torch.isfinite(text_feat).all()
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
+        for queue, new in ((self.image_queue, image_feat.t()), (self.text_queue, text_feat.t())):
+            queue[:, slots] = torch.where(ok, new.to(queue.dtype), queue[:, slots])
         if image_ids is not None:
-            self.idx_queue[0, slots] = image_ids
-        self.queue_ptr[0] = (ptr + n) % size
+            self.idx_queue[0, slots] = torch.where(ok, image_ids, self.idx_queue[0, slots])
+        self.queue_ptr.copy_(torch.where(ok, (self.queue_ptr + n) % size, self.queue_ptr))

@@ -1,0 +1,109 @@
+"""Training checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not keep.
+
+Layout under `checkpoints/`:
+    <tag>/                   DeepSpeed's files (model states, ZeRO optimizer shards)
+    <tag>/albef_rank<R>.pt   per-rank state: data-stream position, RNG states, momentum partition
+                             (ZeRO-3; with whole weights only rank 0 writes the momentum model)
+    latest                   the newest complete tag; moved only after every rank finished writing
+
+A save that dies half-way leaves `latest` on the previous tag, which stays loadable. The newest
+`keep_last` tags are kept.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import distributed
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if distributed.is_distributed():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict, momentum, keep_last: int) -> str:
+    """Saves on every rank (a collective); returns the tag."""
+    tag = tag_for(step)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    rank = distributed.rank()
+    if momentum.partitioned() or rank == 0:
+        rank_state = {**rank_state, "momentum": momentum.local_state()}
+    _atomic_torch_save(rank_state, os.path.join(ckpt_dir, tag, f"albef_rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+        _prune(ckpt_dir, keep_last, keep=tag)
+    _barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
+    tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, d)))
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        if old != keep:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def latest_tag(ckpt_dir: str):
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
+    """Loads a tag on every rank; returns (client_state, this rank's state)."""
+    folder = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no checkpoint '{tag}' in {ckpt_dir}")
+    rank = distributed.rank()
+    rank_file = os.path.join(folder, f"albef_rank{rank}.pt")
+    if not os.path.isfile(rank_file):
+        raise FileNotFoundError(f"{rank_file} is missing: was checkpoint '{tag}' written by "
+                                f"{distributed.world_size()} ranks?")
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {ckpt_dir}")
+    rank_state = torch.load(rank_file, weights_only=False)
+    momentum_file = rank_file if momentum.partitioned() else os.path.join(folder, "albef_rank0.pt")
+    values = rank_state["momentum"] if "momentum" in rank_state else torch.load(
+        momentum_file, weights_only=False)["momentum"]
+    momentum.load_local_state(values)
+    return client_state, rank_state

@@ -1,0 +1,331 @@
+"""The training engine: owns DeepSpeed, runs the one training loop, saves and resumes.
+
+Flow of one optimizer step (gradient accumulation of `grad_accum` micro-batches):
+    batch -> ALBEF.forward (global-batch ITC, hard negatives, MLM) -> engine.backward -> engine.step
+    once the step is applied: momentum EMA (shard-local), temperature clamp, lr for the next step
+    -> metrics (rank 0) -> checkpoint every save_every steps, at the end, or on SIGUSR1/SIGTERM.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import signal
+import time
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import build_model, checkpoint
+from . import distributed as dist
+from .config import Config, ConfigError
+from .metrics import MetricsLogger
+from .momentum import MomentumEMA
+from .objectives import alpha_at
+from .optim import lr_at, param_groups
+
+EXIT_REQUEUE = 124      # saved on SIGUSR1: the Slurm template requeues the job
+EXIT_TERMINATED = 143   # saved on SIGTERM
+
+
+def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dict:
+    """Fills the ds config's "auto" entries from the project config and checks the two agree.
+
+    Raises ConfigError naming the numbers before anything is built."""
+    if isinstance(ds, str):
+        try:
+            with open(ds) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read DeepSpeed config {ds}: {exc}") from None
+    ds = copy.deepcopy(ds)
+    t = cfg.train
+
+    def fill(key, value, section=ds):
+        if section.get(key, "auto") == "auto":
+            section[key] = value
+        elif section[key] != value:
+            raise ConfigError(f"ds config {key}={section[key]} disagrees with the project config ({value})")
+
+    fill("train_micro_batch_size_per_gpu", t.batch_size)
+    fill("gradient_accumulation_steps", t.grad_accum)
+    expected = t.batch_size * t.grad_accum * world_size
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = expected
+    elif ds["train_batch_size"] != expected:
+        raise ConfigError(f"ds config train_batch_size={ds['train_batch_size']} but micro batch "
+                          f"{t.batch_size} x accumulation {t.grad_accum} x world size {world_size} = {expected}")
+    global_batch = t.batch_size * world_size
+    if global_batch > cfg.model.queue_size:
+        raise ConfigError(f"global batch {global_batch} (micro batch {t.batch_size} x {world_size} ranks) "
+                          f"is larger than model.queue_size {cfg.model.queue_size}")
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = t.grad_clip
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = torch.cuda.is_available()
+    params = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    fill("lr", t.warmup_lr if t.warmup_steps else t.lr, params)
+    if params.get("weight_decay", "auto") == "auto":
+        params["weight_decay"] = t.weight_decay
+    left = [k for k, v in _flatten(ds) if v == "auto"]
+    if left:
+        raise ConfigError(f"ds config entries left at 'auto' that ALBEF-DS does not fill: {left}")
+    return ds
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def prepare_corpora(cfg: Config, output_dir: str) -> Config:
+    """With no corpora configured, the generated shapes corpus (written once, by rank 0)."""
+    if cfg.data.corpora or cfg.data.synthetic is None:
+        return cfg
+    from .data import write_synthetic_corpus
+
+    folder = os.path.join(output_dir, "synthetic_data")
+    if dist.rank() == 0:
+        write_synthetic_corpus(folder, cfg.data.synthetic)
+    if dist.is_distributed():
+        torch.distributed.barrier()
+    cfg = copy.deepcopy(cfg)
+    cfg.data.corpora = write_synthetic_corpus(folder, cfg.data.synthetic)["train"]
+    return cfg
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: Union[str, dict], output_dir: str,
+                 resume: Optional[str] = None, batches: Optional[Iterable[dict]] = None,
+                 steps_per_epoch: Optional[int] = None):
+        """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag.
+        `batches`: any iterable of batches instead of the configured data stream (tests)."""
+        dist.init_distributed()
+        self.cfg, self.output_dir = cfg, output_dir
+        self.ckpt_dir = os.path.join(output_dir, "checkpoints")
+        self.ds_config = resolve_ds_config(ds_config, cfg, dist.world_size())
+        self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.train.seed)     # same initial weights and queues on every rank
+
+        self.stream = None
+        if batches is None:
+            cfg = self.cfg = prepare_corpora(cfg, output_dir)
+            self.stream = self._build_stream()
+            batches = self.stream
+        self.batches = batches
+        accum = cfg.train.grad_accum
+        if steps_per_epoch is None:
+            steps_per_epoch = self.stream.steps_per_epoch // accum if self.stream else 1
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+
+        import deepspeed
+
+        model = build_model(cfg.model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config)
+        self.model = self.engine.module
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        # DeepSpeed casts every floating tensor of the module to bf16; the feature queues stay fp32.
+        for name in ("image_queue", "text_queue"):
+            queue = getattr(self.model, name)
+            queue.data = queue.data.float()
+        self.momentum = MomentumEMA(self.model, cfg.model.momentum)
+        self.step = 0                 # optimizer steps applied
+        self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self._signal = None
+        self.log = None
+        self.temperature = cfg.model.temp
+        if resume is not None:
+            self._resume(resume)
+
+    def _build_stream(self):
+        from .data import PretrainStream
+        from .tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(self.cfg.model.text.tokenizer)
+        t = self.cfg.model.text
+        ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+               "mask_token_id": tokenizer.mask_token_id, "sep_token_id": tokenizer.sep_token_id}
+        wrong = {k: (v, getattr(t, k)) for k, v in ids.items() if v != getattr(t, k)}
+        if wrong or len(tokenizer) > t.vocab_size:
+            raise ConfigError(f"tokenizer '{t.tokenizer}' disagrees with model.text: "
+                              + ", ".join(f"{k} is {a}, config says {b}" for k, (a, b) in wrong.items())
+                              + (f" vocabulary {len(tokenizer)} > vocab_size {t.vocab_size}" if len(tokenizer) > t.vocab_size else ""))
+        return PretrainStream(self.cfg.data, self.cfg.model.vision.img_size, tokenizer, self.cfg.train.batch_size,
+                              dist.rank(), dist.world_size(), self.cfg.train.seed)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self) -> str:
+        client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
+                  "queues": {k: v.detach().cpu() for k, v in self.model.named_buffers()
+                             if k in ("image_queue", "text_queue", "idx_queue", "queue_ptr")},
+                  "config": self.cfg.to_dict()}
+        rank_state = {"rng": checkpoint.rng_state(),
+                      "data": self.stream.state_dict() if self.stream is not None else None}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.momentum,
+                              self.cfg.train.keep_last)
+        if dist.rank() == 0:
+            print(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}", flush=True)
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        if not tag:
+            tag = checkpoint.latest_tag(self.ckpt_dir)
+            if tag is None:
+                if dist.rank() == 0:
+                    print(f"no checkpoint in {self.ckpt_dir}: starting fresh", flush=True)
+                return
+        client, rank_state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.momentum)
+        self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
+        buffers = dict(self.model.named_buffers())
+        for name, value in client["queues"].items():
+            buffers[name].copy_(value)
+        checkpoint.set_rng_state(rank_state["rng"])
+        if self.stream is not None and rank_state["data"] is not None:
+            self.stream.load_state_dict(rank_state["data"])
+        if dist.rank() == 0:
+            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+
+    # ---- signals -------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def _signal_received(self) -> Optional[int]:
+        """The signal any rank received (ranks may see it at different steps: agree first)."""
+        flag = torch.tensor([self._signal or 0], device=self.device)
+        if dist.is_distributed():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> tuple:
+        images = batch["image"].to(self.device, non_blocking=True).to(self.dtype)
+        return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if dist.is_distributed():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _micro_step(self, batch: dict) -> Optional[dict]:
+        """Forward, and backward unless the loss is non-finite on any rank. Returns the losses."""
+        images, ids, mask = self._to_device(batch)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.micro_seen)
+        self.micro_seen += 1
+        alpha = alpha_at(self.step, self.steps_per_epoch, self.cfg.model.alpha)
+        out = self.engine(images, ids, mask, alpha=alpha, generator=generator)
+        if not self._all_finite(out["loss"]):
+            self.bad_in_row += 1
+            self.bad_total += 1
+            if dist.rank() == 0:
+                print(f"warning: non-finite loss at step {self.step + 1} (batch keys "
+                      f"{list(batch.get('keys', []))[:3]}...), skipped ({self.bad_in_row} in a row, "
+                      f"{self.bad_total} in all)", flush=True)
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_in_row} non-finite losses in a row (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); stopping. The last good checkpoint in "
+                    f"{self.ckpt_dir} is intact: lower train.lr or check the data, then --resume.")
+            return None
+        self.bad_in_row = 0
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return {k: v.detach().float() for k, v in out.items()}
+
+    def _clamp_temperature(self) -> None:
+        """ALBEF clamps the temperature parameter itself; under ZeRO the value to clamp is the
+        optimizer's fp32 master copy."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        temp = self.model.temp
+        master = safe_get_full_fp32_param(temp)
+        if master is None:
+            self.model.clamp_temperature_()
+            self.temperature = float(temp)
+        else:
+            if not 0.001 <= float(master) <= 0.5:
+                safe_set_full_fp32_param(temp, master.clamp(0.001, 0.5))
+            self.temperature = float(master.clamp(0.001, 0.5))
+
+    def _set_lr(self) -> float:
+        lr = lr_at(self.step, self.cfg.train, self.steps_per_epoch)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train(self) -> int:
+        """Runs to total_steps; returns a process exit code (0, or EXIT_REQUEUE / EXIT_TERMINATED
+        after saving on a signal)."""
+        self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        data = iter(self.batches)
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()
+        try:
+            while self.step < self.total_steps:
+                lr = self._set_lr()
+                started, waited, sums, done = time.perf_counter(), 0.0, {}, 0
+                while done < self.cfg.train.grad_accum:
+                    t = time.perf_counter()
+                    batch = next(data)
+                    waited += time.perf_counter() - t
+                    out = self._micro_step(batch)
+                    if out is None:
+                        continue
+                    done += 1
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
+                if self.engine.was_step_applied():
+                    self.momentum.update()
+                    self._clamp_temperature()
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self._log(sums, lr, elapsed, waited, global_batch)
+                received = self._signal_received()
+                if received:
+                    self.save()
+                    self.log.note(f"received {signal.Signals(received).name}: saved at step {self.step}, exiting")
+                    return EXIT_REQUEUE if received == signal.SIGUSR1 else EXIT_TERMINATED
+                if self.step % self.cfg.train.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+            self.save()
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.log.close()
+
+    def _log(self, sums: dict, lr: float, elapsed: float, waited: float, global_batch: int) -> None:
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys]).to(self.device)
+        if dist.is_distributed():
+            torch.distributed.all_reduce(values)
+            values /= dist.world_size()
+        scalars = dict(zip(keys, values.tolist()))
+        grad_norm = self.engine.get_global_grad_norm()
+        if torch.cuda.is_available():
+            peak_gb = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        scalars.update(lr=lr, alpha=alpha_at(self.step - 1, self.steps_per_epoch, self.cfg.model.alpha),
+                       temperature=self.temperature,
+                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       samples_per_s=global_batch / elapsed, step_time_s=elapsed,
+                       data_wait_fraction=waited / elapsed, peak_memory_gb=peak_gb,
+                       nonfinite_skipped=self.bad_total)
+        if self.stream is not None:
+            stats = self.stream.stats()
+            counts = torch.tensor([float(stats[k]) for k in sorted(stats)], device=self.device)
+            if dist.is_distributed():
+                torch.distributed.all_reduce(counts)
+            scalars.update({f"data_skipped/{k}": v for k, v in zip(sorted(stats), counts.tolist())})
+        self.log.log(self.step, scalars)

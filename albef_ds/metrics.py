@@ -1,0 +1,54 @@
+"""Progress line, metrics.jsonl and TensorBoard scalars, written by rank 0."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.started = time.time()
+        self.start_step = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(output_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def log(self, step: int, scalars: dict) -> None:
+        """Writes one record; `step` is the number of optimizer steps done."""
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.started = step - 1, time.time() - scalars.get("step_time_s", 0.0)
+        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+        done = step - self.start_step
+        eta = (time.time() - self.started) / max(1, done) * (self.total_steps - step)
+        print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f} (itc {record['loss_itc']:.3f} "
+              f"itm {record['loss_itm']:.3f} mlm {record['loss_mlm']:.3f})  itm_acc {record['itm_acc']:.3f} "
+              f"mlm_acc {record['mlm_acc']:.3f}  lr {record['lr']:.2e}  "
+              f"{record['samples_per_s']:.1f} samples/s  eta {_duration(eta)}", flush=True)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

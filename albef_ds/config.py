@@ -161,6 +161,8 @@ def _convert(hint, value, path):
         for arg in args:
             if dataclasses.is_dataclass(arg):
                 return _build(arg, value, path)
+        if float in args and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
         for arg in args:
             if arg is not type(None) and isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
                 return value

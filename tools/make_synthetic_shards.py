@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Writes the coloured-shapes corpus (train + held-out shards) used by the tiny config and tests.
+
+    python tools/make_synthetic_shards.py --out data/shapes [--config tiny] [--train-samples 4096 ...]
+
+The sizes come from the config's data.synthetic section, flag by flag overridable. Nothing is
+written when the folder already holds the same corpus. Prints the corpora as JSON (use "train" as
+data.corpora; "heldout" for evaluation with resampled: false, augment: false).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from albef_ds.config import SyntheticConfig, load_config  # noqa: E402
+from albef_ds.data import write_synthetic_corpus  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--config", default="tiny", help="config whose data.synthetic gives the defaults")
+    for field in dataclasses.fields(SyntheticConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=None)
+    args = parser.parse_args()
+    cfg = load_config(args.config).data.synthetic or SyntheticConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)
+                 if getattr(args, f.name) is not None}
+    corpora = write_synthetic_corpus(args.out, dataclasses.replace(cfg, **overrides))
+    print(json.dumps(corpora, indent=1))
+
+
+if __name__ == "__main__":
+    main()

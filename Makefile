@@ -2,12 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-compiled ops live with the venv, so every launcher (srun, mpirun) finds them.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	# torch/torchvision pinned to the builds this project is tested with (2.14.1 / 0.29.1).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 
 .PHONY: install demo test

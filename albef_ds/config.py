@@ -69,6 +69,7 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
+    mlm: bool = True                 # false for retrieval fine-tuning: ITC + ITM only
     # A checkpoint to start from: our single-file format or a released ALBEF file.
     init_checkpoint: Optional[str] = None
 

@@ -262,34 +262,38 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def train_step(self, data) -> tuple[dict, float, float, float]:
+        """One optimizer step over grad_accum finite micro-batches drawn from `data`.
+        Returns (mean losses, lr, seconds, seconds spent waiting for data)."""
+        lr = self._set_lr()
+        started, waited, sums, done = time.perf_counter(), 0.0, {}, 0
+        while done < self.cfg.train.grad_accum:
+            t = time.perf_counter()
+            batch = next(data)
+            waited += time.perf_counter() - t
+            out = self._micro_step(batch)
+            if out is None:
+                continue
+            done += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
+        if self.engine.was_step_applied():
+            self.momentum.update()
+            self._clamp_temperature()
+        self.step += 1
+        return sums, lr, time.perf_counter() - started, waited
+
     def train(self) -> int:
         """Runs to total_steps; returns a process exit code (0, or EXIT_REQUEUE / EXIT_TERMINATED
         after saving on a signal)."""
         self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
         data = iter(self.batches)
-        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()
         try:
             while self.step < self.total_steps:
-                lr = self._set_lr()
-                started, waited, sums, done = time.perf_counter(), 0.0, {}, 0
-                while done < self.cfg.train.grad_accum:
-                    t = time.perf_counter()
-                    batch = next(data)
-                    waited += time.perf_counter() - t
-                    out = self._micro_step(batch)
-                    if out is None:
-                        continue
-                    done += 1
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
-                if self.engine.was_step_applied():
-                    self.momentum.update()
-                    self._clamp_temperature()
-                self.step += 1
-                elapsed = time.perf_counter() - started
+                sums, lr, elapsed, waited = self.train_step(data)
                 if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self._log(sums, lr, elapsed, waited, global_batch)
+                    self._log(sums, lr, elapsed, waited)
                 received = self._signal_received()
                 if received:
                     self.save()
@@ -304,7 +308,8 @@ class Trainer:
                 signal.signal(s, handler)
             self.log.close()
 
-    def _log(self, sums: dict, lr: float, elapsed: float, waited: float, global_batch: int) -> None:
+    def _log(self, sums: dict, lr: float, elapsed: float, waited: float) -> None:
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()
         keys = sorted(sums)
         values = torch.stack([sums[k] for k in keys]).to(self.device)
         if dist.is_distributed():

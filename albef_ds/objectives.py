@@ -77,16 +77,18 @@ def sample_negatives(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.where(landed_on_zero, weights.argmax(1), index)
 
 
-def itm(logits: torch.Tensor, valid: torch.Tensor):
+def itm(logits: torch.Tensor, valid: torch.Tensor, normalizer: Optional[torch.Tensor] = None):
     """Image-text matching loss on [positives (b) | negatives (2b)] rows of 2-way logits.
 
-    valid: bool [2b], negatives to keep (see negative_weights). Returns (loss, accuracy).
+    valid: bool [2b], negatives to keep (see negative_weights). normalizer: what the summed loss
+    is divided by (default: the rows kept here; a caller splitting a batch over ranks passes the
+    global count / world size so that the ranks' mean equals the whole batch's). Returns (loss, accuracy).
     """
     b = logits.shape[0] // 3
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
     keep = torch.cat([torch.ones(b, dtype=torch.bool, device=logits.device), valid])
     per_row = F.cross_entropy(logits.float(), labels, reduction="none")
-    loss = (per_row * keep).sum() / keep.sum()
+    loss = (per_row * keep).sum() / (keep.sum() if normalizer is None else normalizer)
     acc = ((logits.argmax(1) == labels) & keep).sum().float() / keep.sum()
     return loss, acc
 
@@ -118,18 +120,22 @@ def mlm_mask(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, pad_t
     return masked, labels
 
 
-def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor], alpha: float):
+def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor], alpha: float,
+        normalizer: Optional[torch.Tensor] = None):
     """Masked language modelling with momentum distillation, on the predicted positions only.
 
     logits, logits_m: [M, V] at the M masked positions; labels [M].
-    loss = (1 - alpha) * CE(logits, labels) + alpha * soft-CE(logits, softmax(logits_m)).
-    Returns (loss, accuracy). With no masked token the loss is a graph-connected zero.
+    loss = (1 - alpha) * CE(logits, labels) + alpha * soft-CE(logits, softmax(logits_m)), summed
+    over positions and divided by `normalizer` (default M; see itm). Returns (loss, accuracy).
+    With no masked token the loss is a graph-connected zero.
     """
     if labels.numel() == 0:
         zero = logits.sum() * 0.0
         return zero, zero.detach()
-    loss = F.cross_entropy(logits.float(), labels)
+    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
     if logits_m is not None and alpha > 0:
-        loss = (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(logits_m.float(), -1))
+        soft = -(F.log_softmax(logits.float(), -1) * F.softmax(logits_m.float(), -1)).sum(-1)
+        per_token = (1 - alpha) * per_token + alpha * soft
+    loss = per_token.sum() / (labels.numel() if normalizer is None else normalizer)
     acc = (logits.argmax(-1) == labels).float().mean()
     return loss, acc

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The environment's own tools first (deepspeed, mpirun, and ninja: DeepSpeed's JIT ops rebuild
+# whenever a different ninja binary looks at their build folder).
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 torch.set_num_threads(2)
 
 

@@ -18,7 +18,7 @@ def fresh_model():
 def losses_and_grads(model, images, ids, mask, average_over_ranks: bool):
     """Each loss term and the gradients it gives, with the same per-step generator."""
     results = {}
-    for term in ("loss_itc", "loss_itm"):
+    for term in ("loss_itc", "loss_itm", "loss_mlm"):
         model.zero_grad()
         out = model(images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(SEED))
         out[term].backward()
@@ -47,13 +47,13 @@ def rank_fn(rank, world):
     return losses_and_grads(model, images[part], ids[part], mask[part], True)
 
 
-def test_itc_and_itm_over_two_ranks_equal_one_process():
+def test_itc_itm_and_mlm_over_two_ranks_equal_one_process():
     model = fresh_model()
     images, ids, mask = tiny_batch(model.cfg, GLOBAL_BATCH)
     reference, ref_queue, ref_ptr = losses_and_grads(model, images, ids, mask, False)
     ranks = run_ranks(rank_fn, 2)
     for results, queue, ptr in ranks:
-        for term in ("loss_itc", "loss_itm"):
+        for term in ("loss_itc", "loss_itm", "loss_mlm"):
             loss, grads = results[term]
             ref_loss, ref_grads = reference[term]
             assert abs(loss.item() - ref_loss.item()) <= 1e-5, term

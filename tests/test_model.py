@@ -160,3 +160,34 @@ def test_non_finite_features_never_reach_the_queue():
     out = model(images, ids, mask)
     assert not torch.isfinite(out["loss"])
     assert torch.equal(model.image_queue, before) and int(model.queue_ptr) == 0
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    plain = albef_ds.build_model(tiny_model_config())
+    ckpt = albef_ds.build_model(tiny_model_config(**{"model.vision.grad_checkpointing": "true",
+                                                     "model.text.grad_checkpointing": "true"}))
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.text_encoder.grad_checkpointing and ckpt.visual_encoder.grad_checkpointing
+    images, ids, mask = tiny_batch(plain.cfg, 4)
+    grads = []
+    for model in (plain, ckpt):
+        out = model(images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_retrieval_mode_uses_image_ids_and_no_mlm():
+    model = albef_ds.build_model(tiny_model_config(**{"model.mlm": "false", "model.queue_size": 16}))
+    assert not model.text_encoder.cls.predictions.transform.dense.weight.requires_grad
+    images, ids, mask = tiny_batch(model.cfg, 4)
+    image_ids = torch.tensor([7, 7, 8, 9])              # two captions of image 7
+    images[1] = images[0]
+    out = model(images, ids, mask, alpha=0.4, image_ids=image_ids)
+    assert out["loss_mlm"].item() == 0 and torch.isfinite(out["loss"])
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"])
+    out["loss"].backward()
+    assert model.itm_head.weight.grad is not None
+    assert model.idx_queue[0, :4].tolist() == [7, 7, 8, 9] and int(model.queue_ptr) == 4

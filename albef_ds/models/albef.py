@@ -43,6 +43,9 @@ class ALBEF(nn.Module):
         self.text_proj_m = nn.Linear(t.hidden, cfg.embed_dim)
         for _, momentum in self.momentum_pairs():
             momentum.requires_grad_(False)
+        if not cfg.mlm:     # retrieval fine-tuning: the MLM head (but its tied decoder) is unused
+            self.text_encoder.cls.predictions.transform.requires_grad_(False)
+            self.text_encoder.cls.predictions.bias.requires_grad_(False)
         self.copy_to_momentum()
 
         # Queues of momentum features, [dim, size] as in the released checkpoints; idx_queue holds
@@ -116,16 +119,19 @@ class ALBEF(nn.Module):
         loss_itm, loss_mlm, itm_acc, mlm_acc.
         """
         b = images.shape[0]
+        m = b if self.cfg.mlm else 0          # rows of masked text (retrieval fine-tuning has no MLM)
         rows = (dist.rank() * b, dist.world_size() * b)
         # Functional clamp: an in-place clamp would be lost on a ZeRO-3 gathered copy. The trainer
         # also clamps the stored value after each step (clamp_temperature_), as ALBEF does, so the
         # parameter never drifts out of range where this clamp would stop its gradient.
         temp = self.temp.clamp(*TEMP_RANGE)
-        if masked_ids is None:
+        if not m:
+            masked_ids, mlm_labels = input_ids[:0], input_ids[:0]
+        elif masked_ids is None:
             masked_ids, mlm_labels = self.mask_text(input_ids, generator, rows)
         predicted = mlm_labels != objectives.IGNORE
         ids2 = torch.cat([input_ids, masked_ids])
-        mask2 = torch.cat([attention_mask, attention_mask])
+        mask2 = torch.cat([attention_mask, attention_mask[:m]])
 
         image_embeds = self.image_embeds(images)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -138,8 +144,9 @@ class ALBEF(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_states_m = self.text_encoder_m.encode_text(ids2, mask2)
             text_feat_m = F.normalize(self.text_proj_m(text_states_m[:b, 0]), dim=-1)
-            fused_m = self.text_encoder_m.fuse(text_states_m[b:], attention_mask, [image_embeds_m])
-            mlm_logits_m = self.text_encoder_m.mlm_logits(fused_m[predicted])
+            if m:
+                fused_m = self.text_encoder_m.fuse(text_states_m[b:], attention_mask, [image_embeds_m])
+                mlm_logits_m = self.text_encoder_m.mlm_logits(fused_m[predicted])
 
             image_feat_all = dist.all_gather_nograd(image_feat_m)
             text_feat_all = dist.all_gather_nograd(text_feat_m)
@@ -173,11 +180,19 @@ class ALBEF(nn.Module):
         # the first three attend to this batch's images, the last to the fetched negative images.
         fused = self.text_encoder.fuse(
             torch.cat([masked_embeds, text_embeds, neg_text_embeds, text_embeds]),
-            torch.cat([attention_mask, attention_mask, neg_text_mask, attention_mask]),
-            [image_embeds, neg_image_embeds], [(b, 0), (b, 0), (b, 0), (b, 1)])
-        loss_itm, itm_acc = objectives.itm(self.itm_head(fused[b:, 0]), torch.cat([valid_i, valid_t]))
-        mlm_logits = self.text_encoder.mlm_logits(fused[:b][predicted])
-        loss_mlm, mlm_acc = objectives.mlm(mlm_logits, input_ids[predicted], mlm_logits_m, alpha)
+            torch.cat([attention_mask[:m], attention_mask, neg_text_mask, attention_mask]),
+            [image_embeds, neg_image_embeds], [(m, 0), (b, 0), (b, 0), (b, 1)][0 if m else 1:])
+        # ITM and MLM average over rows / tokens of the global batch, whose counts differ per rank.
+        valid = torch.cat([valid_i, valid_t])
+        with torch.no_grad():
+            counts = torch.stack([b + valid.sum(), predicted.sum()]).float()
+            itm_norm, mlm_norm = dist.all_reduce_sum(counts) / dist.world_size()
+        loss_itm, itm_acc = objectives.itm(self.itm_head(fused[m:, 0]), valid, itm_norm)
+        if m:
+            mlm_logits = self.text_encoder.mlm_logits(fused[:m][predicted])
+            loss_mlm, mlm_acc = objectives.mlm(mlm_logits, input_ids[predicted], mlm_logits_m, alpha, mlm_norm)
+        else:
+            loss_mlm = mlm_acc = torch.zeros((), device=images.device)
 
         if self.training:
             self.enqueue(image_feat_all, text_feat_all, ids_all)

@@ -1,0 +1,191 @@
+"""The DeepSpeed engine on real gloo ranks: ZeRO stages against one process, sharded momentum,
+exact resume, config checks, non-finite losses and signals."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from albef_ds.config import ConfigError, load_config
+from albef_ds.engine import EXIT_REQUEUE, Trainer, resolve_ds_config
+from helpers import run_ranks, tiny_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLOBAL_BATCH = 8
+
+
+def ds_config(stage):
+    return os.path.join(ROOT, "ds_configs", f"zero{stage}.json")
+
+
+def tiny_cfg(world, *extra):
+    return load_config("tiny", ["model.queue_size=64", f"train.batch_size={GLOBAL_BATCH // world}",
+                                "train.log_every=1", "train.save_every=1000", "train.warmup_steps=2",
+                                "train.lr=0.001", *extra])
+
+
+def fixed_batches(cfg, rank, world):
+    """The same global batches for any world size; each rank yields its slice."""
+    step = 0
+    b = GLOBAL_BATCH // world
+    while True:
+        images, ids, mask = tiny_batch(cfg.model, GLOBAL_BATCH, seed=step)
+        part = slice(rank * b, (rank + 1) * b)
+        yield {"image": images[part], "input_ids": ids[part], "attention_mask": mask[part]}
+        step += 1
+
+
+def mean_over_ranks(value):
+    t = torch.tensor([float(value)])
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def trajectory_fn(rank, world, stage, steps, out_dir):
+    cfg = tiny_cfg(world)
+    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
+    data = iter(trainer.batches)
+    return [mean_over_ranks(trainer.train_step(data)[0]["loss"]) for _ in range(steps)]
+
+
+def test_zero_stages_on_two_ranks_follow_one_process(tmp_path):
+    steps = 5
+    reference = run_ranks(trajectory_fn, 1, 2, steps, str(tmp_path / "ref"))[0]
+    assert reference[-1] < reference[0]
+    for stage in (1, 2, 3):
+        got = run_ranks(trajectory_fn, 2, stage, steps, str(tmp_path / f"z{stage}"))[0]
+        # fp32 on CPU: the split changes only the order of reductions. Tolerance 1e-4 relative.
+        assert got == pytest.approx(reference, rel=1e-4), (stage, got, reference)
+
+
+def momentum_fn(rank, world, steps, out_dir):
+    import deepspeed
+
+    cfg = tiny_cfg(world, "model.momentum=0.9")
+    trainer = Trainer(cfg, ds_config(3), out_dir, batches=fixed_batches(cfg, rank, world))
+    pairs = trainer.momentum.pairs
+    online = [p for p, _ in pairs]
+    momentum = [pm for _, pm in pairs]
+
+    def gathered(params):
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().double().clone() for p in params]
+
+    reference = gathered(online)                 # the momentum model starts as a copy
+    assert all(torch.equal(a, b) for a, b in zip(reference, gathered(momentum)))
+    data = iter(trainer.batches)
+    for _ in range(steps):
+        trainer.train_step(data)
+        reference = [0.9 * r + 0.1 * o for r, o in zip(reference, gathered(online))]
+    got = gathered(momentum)
+    worst = max((g - r).abs().max().item() for g, r in zip(got, reference))
+    total = sum(r.numel() for r in reference)
+    return {"worst": worst, "local": trainer.momentum.local_elements(), "total": total,
+            "moved": max((g - o).abs().max().item() for g, o in zip(got, gathered(online)))}
+
+
+def test_momentum_model_is_sharded_under_zero3_and_equals_fp32_ema(tmp_path):
+    results = run_ranks(momentum_fn, 2, 4, str(tmp_path))
+    for r in results:
+        assert r["worst"] < 1e-6, r
+        assert r["moved"] > 0                      # the online model trained away from the EMA
+        assert 0.45 * r["total"] <= r["local"] <= 0.55 * r["total"], r
+
+
+def resume_fn(rank, world, stage, corpus, out_dir):
+    extra = [f"data.corpora={json.dumps(corpus)}", "data.workers=1", "train.save_every=3"]
+    full = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/full")
+    assert full.train() == 0
+    first = Trainer(tiny_cfg(world, "train.max_steps=3", *extra), ds_config(stage), f"{out_dir}/split")
+    assert first.train() == 0
+    second = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/split", resume="")
+    assert second.step == 3
+    assert second.train() == 0
+
+    def losses(folder):
+        with open(f"{folder}/metrics.jsonl") as f:
+            return [(r["step"], r["loss"], r["loss_itc"], r["loss_mlm"]) for r in map(json.loads, f)]
+
+    return (losses(f"{out_dir}/full"), losses(f"{out_dir}/split")) if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def shapes_corpus(tmp_path_factory):
+    from albef_ds.config import SyntheticConfig
+    from albef_ds.data import write_synthetic_corpus
+
+    cfg = SyntheticConfig(train_samples=256, heldout_samples=16, samples_per_shard=64, image_size=64, seed=5)
+    return write_synthetic_corpus(str(tmp_path_factory.mktemp("shapes")), cfg)["train"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stop_and_resume_gives_the_uninterrupted_losses(tmp_path, stage, shapes_corpus):
+    full, split = run_ranks(resume_fn, 2, stage, shapes_corpus, str(tmp_path))[0]
+    assert [s for s, *_ in split] == [1, 2, 3, 4, 5, 6]         # the step counter continues
+    assert [s for s, *_ in full] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full[3:], split[3:]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (a, b)
+
+
+def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
+    cfg = tiny_cfg(2)
+    ds = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(ConfigError, match=r"train_batch_size=16 but micro batch 4 x accumulation 1 x world size 2 = 8"):
+        resolve_ds_config(ds, cfg, 2)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
+        resolve_ds_config({"train_micro_batch_size_per_gpu": 8}, cfg, 2)
+    with pytest.raises(ConfigError, match="global batch 128 .* larger than model.queue_size 64"):
+        resolve_ds_config({}, tiny_cfg(1, "train.batch_size=64"), 2)
+    resolved = resolve_ds_config(ds_config(2), cfg, 2)
+    assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
+
+
+def nan_fn(rank, world, out_dir, poison):
+    cfg = tiny_cfg(world, "train.max_bad_steps=3")
+
+    def batches():
+        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
+            if i in poison:
+                batch["image"][0, 0, 0, 0] = float("nan")
+            yield batch
+
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=batches())
+    data = iter(trainer.batches)
+    try:
+        losses = [trainer.train_step(data)[0]["loss"].item() for _ in range(4)]
+    except RuntimeError as exc:
+        return {"error": str(exc), "skipped": trainer.bad_total}
+    return {"losses": losses, "skipped": trainer.bad_total, "step": trainer.step, "drawn": trainer.micro_seen}
+
+
+def test_non_finite_loss_is_skipped_and_counted_and_too_many_stop_the_run(tmp_path):
+    result = run_ranks(nan_fn, 1, str(tmp_path / "a"), {1})[0]
+    assert result["skipped"] == 1 and result["step"] == 4 and result["drawn"] == 5
+    assert all(map(lambda x: x == x, result["losses"]))            # no NaN reached a step
+    stopped = run_ranks(nan_fn, 1, str(tmp_path / "b"), {1, 2, 3})[0]
+    assert "3 non-finite losses in a row" in stopped["error"] and "last good checkpoint" in stopped["error"]
+
+
+def signal_fn(rank, world, out_dir):
+    cfg = tiny_cfg(world, "train.max_steps=6")
+
+    def batches():
+        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)       # as Slurm does before the time limit
+            yield batch
+
+    code = Trainer(cfg, ds_config(2), out_dir, batches=batches()).train()
+    resumed = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world), resume="")
+    start = resumed.step
+    return code, start, resumed.train(), sorted(os.listdir(f"{out_dir}/checkpoints"))
+
+
+def test_sigusr1_saves_and_exits_for_requeue_then_resumes(tmp_path):
+    code, start, final, listing = run_ranks(signal_fn, 1, str(tmp_path))[0]
+    assert code == EXIT_REQUEUE and start == 3 and final == 0
+    assert "step00000003" in listing and "step00000006" in listing and "latest" in listing
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]

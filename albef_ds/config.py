@@ -126,10 +126,30 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Retrieval evaluation: after every `every_epochs` epochs of training (0: never) and by
+    albef_ds.evaluate. `data`: an eval JSON ([{"image", "caption": [...]}], with image_root) or
+    shard patterns; empty: the held-out split of the generated corpus when there is one."""
+    data: list = field(default_factory=list)
+    image_root: str = ""
+    k_test: int = 128
+    batch_size: int = 64
+    every_epochs: int = 0
+    select_metric: str = "r_mean"    # the checkpoint kept as `best`
+
+
+TASKS = ("pretrain", "retrieval")
+
+
+@dataclass
 class Config:
+    # pretrain: ITC + ITM + MLM; retrieval: fine-tuning with ITC + ITM, positives by image id
+    # (derived from the sample key), evaluation every epoch and the best checkpoint kept.
+    task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -234,6 +254,10 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
         values = _read_yaml(resolve_config_path(source or "tiny"))
     config = _build(Config, apply_overrides(values, overrides or []), "")
     validate_model_config(config.model)
+    if config.task not in TASKS:
+        raise ConfigError(f"task '{config.task}' is not one of {', '.join(TASKS)}")
+    if config.task == "retrieval" and config.model.mlm:
+        raise ConfigError("task 'retrieval' fine-tunes without MLM: set model.mlm=false")
     return config
 
 

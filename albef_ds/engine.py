@@ -8,6 +8,7 @@ Flow of one optimizer step (gradient accumulation of `grad_accum` micro-batches)
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import resource
@@ -75,6 +76,11 @@ def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dic
     return ds
 
 
+def key_id(key: str) -> int:
+    """A non-negative int64 id for a sample key, the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
+
+
 def _flatten(d, prefix=""):
     for k, v in d.items():
         if isinstance(v, dict):
@@ -105,6 +111,9 @@ class Trainer:
                  steps_per_epoch: Optional[int] = None):
         """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag.
         `batches`: any iterable of batches instead of the configured data stream (tests)."""
+        # Handlers first: a SIGUSR1 while starting up is acted on at the first step, not fatal.
+        self._signal = None
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
         dist.init_distributed()
         self.cfg, self.output_dir = cfg, output_dir
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
@@ -140,7 +149,6 @@ class Trainer:
         self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
         self.bad_in_row = 0
         self.bad_total = 0
-        self._signal = None
         self.log = None
         self.temperature = cfg.model.temp
         if resume is not None:
@@ -210,6 +218,13 @@ class Trainer:
         images = batch["image"].to(self.device, non_blocking=True).to(self.dtype)
         return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
+    def _image_ids(self, batch: dict) -> Optional[torch.Tensor]:
+        """Retrieval fine-tuning: captions of one image are positives of each other. The image id
+        is a stable hash of the sample key (one sample per image, see tools/make_shards.py)."""
+        if self.cfg.task != "retrieval":
+            return None
+        return torch.tensor([key_id(k) for k in batch["keys"]], device=self.device)
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
         if dist.is_distributed():
@@ -222,7 +237,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.micro_seen)
         self.micro_seen += 1
         alpha = alpha_at(self.step, self.steps_per_epoch, self.cfg.model.alpha)
-        out = self.engine(images, ids, mask, alpha=alpha, generator=generator)
+        out = self.engine(images, ids, mask, alpha=alpha, image_ids=self._image_ids(batch), generator=generator)
         if not self._all_finite(out["loss"]):
             self.bad_in_row += 1
             self.bad_total += 1
@@ -287,7 +302,6 @@ class Trainer:
         """Runs to total_steps; returns a process exit code (0, or EXIT_REQUEUE / EXIT_TERMINATED
         after saving on a signal)."""
         self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
         data = iter(self.batches)
         try:
             while self.step < self.total_steps:
@@ -304,7 +318,7 @@ class Trainer:
             self.save()
             return 0
         finally:
-            for s, handler in previous.items():
+            for s, handler in self._previous_handlers.items():
                 signal.signal(s, handler)
             self.log.close()
 

@@ -33,9 +33,12 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, task: str = "pretrain") -> int:
     args = parse_args(argv)
     demo = args.config is None
+    if task != "pretrain" and demo:
+        print(f"{task} needs --config (for example albef_ds/configs/retrieval_coco.yaml)", file=sys.stderr)
+        return 2
     dist.init_distributed()
     if dist.rank() == 0 and demo:
         print("ALBEF-DS built-in demo: tiny ALBEF on a generated corpus of coloured shapes "
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     try:
         cfg = load_config("tiny" if demo else args.config, overrides)
+        if cfg.task != task:
+            raise ConfigError(f"config {args.config} is for task '{cfg.task}', this entry point runs '{task}'")
         output_dir = args.output_dir or cfg.train.output_dir
         from albef_ds.engine import Trainer
 

@@ -38,9 +38,10 @@ def is_local(url: str) -> bool:
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """The shards of one pattern. Local files that do not exist are dropped (img2dataset leaves
-    gaps where downloads failed); a pattern that leaves nothing is an error naming it."""
-    urls = list(braceexpand.braceexpand(pattern))
+    """The shards of one pattern. Environment variables are expanded (`${ALBEF_DATA_ROOT}/cc3m/...`,
+    set per cluster by slurm/common.sh). Local files that do not exist are dropped (img2dataset
+    leaves gaps where downloads failed); a pattern that leaves nothing is an error naming it."""
+    urls = list(braceexpand.braceexpand(os.path.expandvars(pattern)))
     urls = [u for u in urls if not is_local(u) or os.path.isfile(u)]
     if not urls:
         raise ValueError(f"shard pattern '{pattern}' matches no file")

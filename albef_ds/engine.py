@@ -108,9 +108,11 @@ def prepare_corpora(cfg: Config, output_dir: str) -> Config:
 class Trainer:
     def __init__(self, cfg: Config, ds_config: Union[str, dict], output_dir: str,
                  resume: Optional[str] = None, batches: Optional[Iterable[dict]] = None,
-                 steps_per_epoch: Optional[int] = None):
+                 steps_per_epoch: Optional[int] = None, client_optimizer=None):
         """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag.
-        `batches`: any iterable of batches instead of the configured data stream (tests)."""
+        `batches`: any iterable of batches instead of the configured data stream (tests, bench).
+        `client_optimizer(param_groups)`: an optimizer of one's own instead of the ds config's
+        (the benchmark's baseline uses torch.optim.AdamW)."""
         # Handlers first: a SIGUSR1 while starting up is acted on at the first step, not fatal.
         self._signal = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
@@ -118,6 +120,8 @@ class Trainer:
         self.cfg, self.output_dir = cfg, output_dir
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.ds_config = resolve_ds_config(ds_config, cfg, dist.world_size())
+        if client_optimizer is not None:
+            self.ds_config.pop("optimizer")
         self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.train.seed)     # same initial weights and queues on every rank
 
@@ -135,9 +139,16 @@ class Trainer:
 
         import deepspeed
 
+        resume_tag = self._resume_tag(resume)
+        if resume_tag is not None and cfg.model.init_checkpoint:
+            # the checkpoint being resumed holds every weight: the init file is not read (or needed)
+            cfg = copy.deepcopy(cfg)
+            cfg.model.init_checkpoint = None
         model = build_model(cfg.model)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config)
+        groups = param_groups(model, cfg.train.weight_decay)
+        optimizer = client_optimizer(groups) if client_optimizer is not None else None
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                                    optimizer=optimizer, config=self.ds_config)
         self.model = self.engine.module
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         # DeepSpeed casts every floating tensor of the module to bf16; the feature queues stay fp32.
@@ -151,8 +162,8 @@ class Trainer:
         self.bad_total = 0
         self.log = None
         self.temperature = cfg.model.temp
-        if resume is not None:
-            self._resume(resume)
+        if resume_tag is not None:
+            self._resume(resume_tag)
 
     def _build_stream(self):
         from .data import PretrainStream
@@ -171,6 +182,14 @@ class Trainer:
                               dist.rank(), dist.world_size(), self.cfg.train.seed)
 
     # ---- checkpoints ---------------------------------------------------------------------
+    def _resume_tag(self, resume: Optional[str]) -> Optional[str]:
+        if resume is None or resume:
+            return resume
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None and dist.rank() == 0:
+            print(f"no checkpoint in {self.ckpt_dir}: starting fresh", flush=True)
+        return tag
+
     def save(self) -> str:
         client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
                   "queues": {k: v.detach().cpu() for k, v in self.model.named_buffers()
@@ -185,12 +204,6 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str) -> None:
-        if not tag:
-            tag = checkpoint.latest_tag(self.ckpt_dir)
-            if tag is None:
-                if dist.rank() == 0:
-                    print(f"no checkpoint in {self.ckpt_dir}: starting fresh", flush=True)
-                return
         client, rank_state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.momentum)
         self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
         buffers = dict(self.model.named_buffers())
@@ -265,7 +278,7 @@ class Trainer:
         master = safe_get_full_fp32_param(temp)
         if master is None:
             self.model.clamp_temperature_()
-            self.temperature = float(temp)
+            self.temperature = float(temp.detach())
         else:
             if not 0.001 <= float(master) <= 0.5:
                 safe_set_full_fp32_param(temp, master.clamp(0.001, 0.5))

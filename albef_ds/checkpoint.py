@@ -5,12 +5,14 @@ Layout under `checkpoints/`:
     <tag>/albef_rank<R>.pt   per-rank state: data-stream position, RNG states, momentum partition
                              (ZeRO-3; with whole weights only rank 0 writes the momentum model)
     latest                   the newest complete tag; moved only after every rank finished writing
+    best.json                {"tag", "metric", "value"} of the best evaluation (retrieval fine-tuning)
 
 A save that dies half-way leaves `latest` on the previous tag, which stays loadable. The newest
 `keep_last` tags are kept.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from . import distributed
 
 LATEST = "latest"
+BEST = "best.json"
 
 
 def tag_for(step: int) -> str:
@@ -74,10 +77,30 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict,
 
 
 def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
+    """Removes all but the newest keep_last tags; the best evaluated tag is always kept."""
     tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, d)))
+    best = best_tag(ckpt_dir)
     for old in tags[:-keep_last] if keep_last > 0 else []:
-        if old != keep:
+        if old not in (keep, best):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def mark_best(ckpt_dir: str, tag: str, metric: str, value: float) -> None:
+    """Records `tag` as the best checkpoint by `metric` (rank 0 writes, atomically)."""
+    if distributed.rank() == 0:
+        tmp = os.path.join(ckpt_dir, f"{BEST}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"tag": tag, "metric": metric, "value": value}, f)
+        os.replace(tmp, os.path.join(ckpt_dir, BEST))
+    _barrier()
+
+
+def best_tag(ckpt_dir: str):
+    path = os.path.join(ckpt_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["tag"]
 
 
 def latest_tag(ckpt_dir: str):

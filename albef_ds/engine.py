@@ -126,6 +126,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)     # same initial weights and queues on every rank
 
         self.stream = None
+        self.tokenizer = None
+        self.best = None              # (metric value, tag) of the best evaluation so far
         if batches is None:
             cfg = self.cfg = prepare_corpora(cfg, output_dir)
             self.stream = self._build_stream()
@@ -169,7 +171,7 @@ class Trainer:
         from .data import PretrainStream
         from .tokenizer import build_tokenizer
 
-        tokenizer = build_tokenizer(self.cfg.model.text.tokenizer)
+        tokenizer = self.tokenizer = build_tokenizer(self.cfg.model.text.tokenizer)
         t = self.cfg.model.text
         ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
                "mask_token_id": tokenizer.mask_token_id, "sep_token_id": tokenizer.sep_token_id}
@@ -192,6 +194,7 @@ class Trainer:
 
     def save(self) -> str:
         client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
+                  "best": self.best,
                   "queues": {k: v.detach().cpu() for k, v in self.model.named_buffers()
                              if k in ("image_queue", "text_queue", "idx_queue", "queue_ptr")},
                   "config": self.cfg.to_dict()}
@@ -206,6 +209,7 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         client, rank_state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.momentum)
         self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
+        self.best = client.get("best")
         buffers = dict(self.model.named_buffers())
         for name, value in client["queues"].items():
             buffers[name].copy_(value)
@@ -214,6 +218,43 @@ class Trainer:
             self.stream.load_state_dict(rank_state["data"])
         if dist.rank() == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval.every_epochs
+        return every > 0 and self.step % (every * self.steps_per_epoch) == 0
+
+    def evaluate(self) -> dict:
+        """Retrieval evaluation (albef_ds.evaluate) on eval.data, or on the held-out split of the
+        generated corpus; a collective: every rank calls it and gets the same metrics."""
+        from .evaluate import _eval_model, evaluate_retrieval, read_retrieval_set
+        from .tokenizer import build_tokenizer
+
+        e = self.cfg.eval
+        if e.data:
+            source = e.data[0] if len(e.data) == 1 else e.data
+        elif self.cfg.data.synthetic is not None:
+            from .data import write_synthetic_corpus
+
+            source = write_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
+                                            self.cfg.data.synthetic)["heldout"]
+        else:
+            raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
+        data = read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words)
+        self.tokenizer = self.tokenizer or build_tokenizer(self.cfg.model.text.tokenizer)
+        return evaluate_retrieval(_eval_model(self.engine), data, self.tokenizer, self.cfg.model.vision.img_size,
+                                  self.cfg.data.max_tokens, k_test=e.k_test, batch_size=e.batch_size)
+
+    def _evaluate_and_keep_best(self) -> None:
+        metrics = self.evaluate()
+        name = self.cfg.eval.select_metric
+        if name not in metrics:
+            raise ConfigError(f"eval.select_metric '{name}' is not a reported metric ({', '.join(sorted(metrics))})")
+        self.log.log_eval(self.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if self.best is None or metrics[name] > self.best[0]:
+            tag = self.save()
+            self.best = (metrics[name], tag)
+            checkpoint.mark_best(self.ckpt_dir, tag, name, metrics[name])
 
     # ---- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -321,6 +362,8 @@ class Trainer:
                 sums, lr, elapsed, waited = self.train_step(data)
                 if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
                     self._log(sums, lr, elapsed, waited)
+                if self._eval_due():
+                    self._evaluate_and_keep_best()
                 received = self._signal_received()
                 if received:
                     self.save()

@@ -39,6 +39,20 @@ class MetricsLogger:
               f"mlm_acc {record['mlm_acc']:.3f}  lr {record['lr']:.2e}  "
               f"{record['samples_per_s']:.1f} samples/s  eta {_duration(eta)}", flush=True)
 
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """Evaluation results: one metrics.jsonl record of `eval/<name>` keys, TensorBoard, a line."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+        print(f"eval at step {step}: " + "  ".join(f"{k} {float(v):.2f}" for k, v in metrics.items()
+                                                   if k.startswith(("txt_r", "img_r", "r_mean"))), flush=True)
+
     def note(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)

@@ -62,7 +62,13 @@ def main(argv=None, task: str = "pretrain") -> int:
               f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()} on {dist.world_size()} "
               f"rank(s), ZeRO stage {trainer.ds_config['zero_optimization']['stage']}, output {output_dir}",
               flush=True)
-    return trainer.train()
+    code = trainer.train()
+    if code == 0 and demo:
+        # The demo ends with what the model learned: held-out retrieval, ITM and attribute MLM.
+        from albef_ds.evaluate import evaluate_heldout
+
+        evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
+    return code
 
 
 if __name__ == "__main__":

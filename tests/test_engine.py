@@ -189,3 +189,29 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resumes(tmp_path):
     assert "step00000003" in listing and "step00000006" in listing and "latest" in listing
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+
+
+def finetune_fn(rank, world, out_dir):
+    cfg = load_config("tiny", [
+        "task=retrieval", "model.mlm=false", "model.queue_size=64", "train.batch_size=16",
+        "data.synthetic.train_samples=128", "data.synthetic.heldout_samples=48",
+        "data.synthetic.samples_per_shard=64", "data.epoch_samples=64", "data.workers=0",
+        "train.epochs=3", "train.keep_last=1", "train.save_every=1000", "train.log_every=1",
+        "train.lr=0.002", "eval.every_epochs=1", "eval.k_test=8"])
+    trainer = Trainer(cfg, ds_config(2), out_dir)
+    assert trainer.train() == 0
+    with open(f"{out_dir}/metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "eval/r_mean" in r]
+    with open(f"{out_dir}/checkpoints/best.json") as f:
+        best = json.load(f)
+    return evals, best, sorted(os.listdir(f"{out_dir}/checkpoints"))
+
+
+def test_retrieval_finetuning_keeps_the_checkpoint_with_the_best_val_r_mean(tmp_path):
+    evals, best, listing = run_ranks(finetune_fn, 1, str(tmp_path))[0]
+    assert [r["step"] for r in evals] == [4, 8, 12]                   # after every epoch
+    top = max(evals, key=lambda r: r["eval/r_mean"])
+    first_best = next(r for r in evals if r["eval/r_mean"] == top["eval/r_mean"])
+    assert best["tag"] == f"step{first_best['step']:08d}" and best["value"] == pytest.approx(top["eval/r_mean"])
+    assert best["tag"] in listing and "step00000012" in listing         # best kept despite keep_last=1
+    assert all(r["eval/images"] == 48 for r in evals)

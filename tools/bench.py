@@ -117,8 +117,9 @@ def main() -> None:
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     seen = {}
 
-    # What this rank holds when the optimizer steps: gradients (module-side and partitioned) and
-    # optimizer state (moments, plus fp32 master partitions where they are separate tensors).
+    # What this rank holds when the optimizer steps: gradients (module-side and partitioned),
+    # optimizer state (the moments) and master weights (fp32 copies the optimizer keeps apart from
+    # the module's parameters: ZeRO's flat partitions; none without ZeRO in fp32).
     # DeepSpeed's ZeRO optimizers step one parameter group at a time: collect over the calls.
     original_step = inner.step
     module_ids = {id(p) for p in trainable}
@@ -202,7 +203,8 @@ def main() -> None:
         "hard_negative_bytes_per_step": traffic["fetch_bytes"] / args.steps,
         "rank_bytes": {"parameters": nbytes([local_data(p) for p in trainable]),
                        "gradients": sum(seen.get("grads", {}).values()),
-                       "optimizer_state": nbytes(state) + sum(seen.get("masters", {}).values()),
+                       "optimizer_state": nbytes(state),
+                       "master_weights": sum(seen.get("masters", {}).values()),
                        "momentum_model": momentum_bytes},
         "peak_memory_bytes": peak,
         "model_tflops_per_sample": flops / 1e12,
@@ -230,11 +232,12 @@ def print_table(results) -> None:
           f"{r['achieved_tflops_per_rank']:.3f} TFLOP/s per rank" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
     print("step split (s): " + "  ".join(f"{k} {v:.3f}" for k, v in r["split_s_per_step"].items())
           + f"  (time in collectives, inside the above: {r['communication_s_per_step']:.3f})")
-    print(f"{'rank':>4} {'params GB':>10} {'grads GB':>9} {'optim GB':>9} {'momentum GB':>12} {'peak GB':>8}")
+    print(f"{'rank':>4} {'params GB':>10} {'grads GB':>9} {'optim GB':>9} {'master GB':>10} {'momentum GB':>12} "
+          f"{'peak GB':>8}")
     for i, x in enumerate(results):
         b = x["rank_bytes"]
         print(f"{i:>4} {b['parameters'] / gb:>10.3f} {b['gradients'] / gb:>9.3f} {b['optimizer_state'] / gb:>9.3f} "
-              f"{b['momentum_model'] / gb:>12.3f} {x['peak_memory_bytes'] / gb:>8.2f}")
+              f"{b['master_weights'] / gb:>10.3f} {b['momentum_model'] / gb:>12.3f} {x['peak_memory_bytes'] / gb:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main() -> None:
     cfg = load_config(args.config, ["model.vision.pretrained=null", "model.text.pretrained=null"] + args.overrides)
     model = albef_ds.build_model(cfg.model).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, fused=True)   # one kernel, no per-step temporaries
     ema = MomentumEMA(model, cfg.model.momentum)
     size = cfg.model.vision.img_size
     images = torch.randn(args.batch, 3, size, size)

@@ -25,13 +25,7 @@ class MetricsLogger:
             return
         if self.start_step is None:
             self.start_step, self.started = step - 1, time.time() - scalars.get("step_time_s", 0.0)
-        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for key, value in record.items():
-            if key != "step":
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        record = self._write(step, scalars)
         done = step - self.start_step
         eta = (time.time() - self.started) / max(1, done) * (self.total_steps - step)
         print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f} (itc {record['loss_itc']:.3f} "
@@ -43,15 +37,19 @@ class MetricsLogger:
         """Evaluation results: one metrics.jsonl record of `eval/<name>` keys, TensorBoard, a line."""
         if not self.enabled:
             return
-        record = {"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for key, value in record.items():
-            if key != "step":
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        self._write(step, {f"eval/{k}": v for k, v in metrics.items()})
         print(f"eval at step {step}: " + "  ".join(f"{k} {float(v):.2f}" for k, v in metrics.items()
                                                    if k.startswith(("txt_r", "img_r", "r_mean"))), flush=True)
+
+    def _write(self, step: int, scalars: dict) -> dict:
+        """One metrics.jsonl line and the TensorBoard scalars of a step."""
+        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, float(value), step)
+        self.tb.flush()
+        return record
 
     def note(self, message: str) -> None:
         if self.enabled:

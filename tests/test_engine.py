@@ -215,3 +215,22 @@ def test_retrieval_finetuning_keeps_the_checkpoint_with_the_best_val_r_mean(tmp_
     assert best["tag"] == f"step{first_best['step']:08d}" and best["value"] == pytest.approx(top["eval/r_mean"])
     assert best["tag"] in listing and "step00000012" in listing         # best kept despite keep_last=1
     assert all(r["eval/images"] == 48 for r in evals)
+
+
+def accumulation_fn(rank, world, out_dir):
+    cfg = tiny_cfg(world, "train.grad_accum=2")
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    updates = []
+    update = trainer.momentum.update
+    trainer.momentum.update = lambda: (updates.append(trainer.step), update())
+    data = iter(trainer.batches)
+    for _ in range(3):
+        trainer.train_step(data)
+    return {"ema_updates": len(updates), "queue_ptr": int(trainer.model.queue_ptr),
+            "micro": trainer.micro_seen, "optimizer_steps": trainer.engine.global_steps}
+
+
+def test_gradient_accumulation_steps_once_and_queues_every_micro_batch(tmp_path):
+    for r in run_ranks(accumulation_fn, 2, str(tmp_path)):
+        assert r["micro"] == 6 and r["optimizer_steps"] == 3 and r["ema_updates"] == 3
+        assert r["queue_ptr"] == 6 * GLOBAL_BATCH % 64                # every micro-batch enqueued

@@ -227,7 +227,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Retrieval evaluation (albef_ds.evaluate) on eval.data, or on the held-out split of the
         generated corpus; a collective: every rank calls it and gets the same metrics."""
-        from .evaluate import _eval_model, evaluate_retrieval, read_retrieval_set
+        from .evaluate import eval_model, evaluate_retrieval, read_retrieval_set
         from .tokenizer import build_tokenizer
 
         e = self.cfg.eval
@@ -242,7 +242,7 @@ class Trainer:
             raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
         data = read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words)
         self.tokenizer = self.tokenizer or build_tokenizer(self.cfg.model.text.tokenizer)
-        return evaluate_retrieval(_eval_model(self.engine), data, self.tokenizer, self.cfg.model.vision.img_size,
+        return evaluate_retrieval(eval_model(self.engine), data, self.tokenizer, self.cfg.model.vision.img_size,
                                   self.cfg.data.max_tokens, k_test=e.k_test, batch_size=e.batch_size)
 
     def _evaluate_and_keep_best(self) -> None:

@@ -384,7 +384,7 @@ def format_table(metrics: dict, title: str) -> str:
 
 # ---- the demo's held-out checks ------------------------------------------------------------
 
-def _eval_model(model):
+def eval_model(model):
     """The model to evaluate: a DeepSpeed engine's module; under ZeRO-3 (partitioned weights) a
     plain copy with the whole online weights (a collective: every rank must call it)."""
     module = getattr(model, "module", model)
@@ -428,8 +428,10 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     """ITM and masked-attribute MLM on the shapes held-out split (the first caption of each image).
 
     - itm_acc: image with its caption (should match) and with the caption of another image with
-      other attributes (should not), threshold 0.5; itm_neg_colour / itm_neg_shape: share of
-      captions with only the colour / shape word swapped that are rejected (harder negatives).
+      other attributes (should not), threshold 0.5 on the match probability (itm_pos_acc /
+      itm_neg_acc: the two parts; itm_pairwise: share of images whose caption scores above the
+      other caption); itm_neg_colour / itm_neg_shape: share of captions with only the colour /
+      shape word swapped that are rejected (harder negatives).
     - mlm_colour_acc / mlm_shape_acc: the colour (shape) word masked, the prediction restricted to
       the colour (shape) words of the same number; *_shuffled: the same with the image of another
       sample: about chance (1/colours, 1/shapes) when the text alone tells nothing.
@@ -471,9 +473,10 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     colour_swapped = swapped(colour_pos, colour_true, colours)
     shape_swapped = swapped(shape_pos, shape_true, shape_sets)
     mask_id = tokenizer.mask_token_id
-    # counts: itm correct (pos + neg), itm pairs, colour-swap rejected, shape-swap rejected,
-    # mlm colour, mlm shape, mlm colour shuffled, mlm shape shuffled, shuffled rows
-    counts = torch.zeros(9, dtype=torch.float64)
+    # counts: positives accepted, negatives rejected, colour-swap rejected, shape-swap rejected,
+    # mlm colour, mlm shape, mlm colour shuffled, mlm shape shuffled, valid negatives,
+    # positive scored above its negative
+    counts = torch.zeros(10, dtype=torch.float64)
     failed = []
     was_training = model.training
     model.eval()
@@ -488,8 +491,9 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
                                                torch.cat([m, mask[[other[i] for i in batch]].to(device), m, m])
                                                ).float(), -1)[:, 1].cpu().view(4, -1)
             ok = valid[b]
-            counts[0] += (probs[0] > 0.5).sum() + ((probs[1] <= 0.5) & ok).sum()
-            counts[1] += len(batch) + ok.sum()
+            counts[0] += (probs[0] > 0.5).sum()
+            counts[1] += ((probs[1] <= 0.5) & ok).sum()
+            counts[9] += ((probs[0] > probs[1]) & ok).sum()
             counts[2] += (probs[2] <= 0.5).sum()
             counts[3] += (probs[3] <= 0.5).sum()
             shuffled_images = _load_images(data, [other[i] for i in batch], img_size, failed).to(device, dtype)
@@ -507,7 +511,9 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
         counts = _sum_over_ranks(_gather_device(counts, device, world), world).cpu()
     finally:
         model.train(was_training)
-    return {"itm_acc": 100 * counts[0].item() / counts[1].item(),
+    pos, neg, valid_n = counts[0].item(), counts[1].item(), counts[8].item()
+    return {"itm_acc": 100 * (pos + neg) / (n + valid_n), "itm_pos_acc": 100 * pos / n,
+            "itm_neg_acc": 100 * neg / valid_n, "itm_pairwise": 100 * counts[9].item() / valid_n,
             "itm_neg_colour": 100 * counts[2].item() / n, "itm_neg_shape": 100 * counts[3].item() / n,
             "mlm_colour_acc": 100 * counts[4].item() / n, "mlm_shape_acc": 100 * counts[5].item() / n,
             "mlm_colour_acc_shuffled": 100 * counts[6].item() / counts[8].item(),
@@ -537,7 +543,7 @@ def evaluate_heldout(model, cfg, output_dir: str, k_test: int = 32, batch_size: 
     if world > 1:
         torch.distributed.barrier()
     corpora = write_synthetic_corpus(folder, cfg.data.synthetic)["heldout"]
-    model = _eval_model(model)
+    model = eval_model(model)
     data = read_shard_set(corpora, cfg.data.max_words)
     tokenizer = build_tokenizer(cfg.model.text.tokenizer)
     args = (tokenizer, cfg.model.vision.img_size, cfg.data.max_tokens)
@@ -555,8 +561,10 @@ def evaluate_heldout(model, cfg, output_dir: str, k_test: int = 32, batch_size: 
 def format_heldout(out: dict) -> str:
     lines = [format_table(out, f"held-out retrieval: {out['images']} images, {out['texts']} captions, "
                                f"k_test {out['k_test']} (chance R@1 {out['retrieval_chance_r1']:.2f})")]
-    lines.append(f"ITM accuracy {out['itm_acc']:.1f}% (positives + other-attribute negatives); "
-                 f"swapped colour rejected {out['itm_neg_colour']:.1f}%, swapped shape {out['itm_neg_shape']:.1f}%")
+    lines.append(f"ITM accuracy {out['itm_acc']:.1f}% (positives accepted {out['itm_pos_acc']:.1f}%, "
+                 f"other-attribute negatives rejected {out['itm_neg_acc']:.1f}%; own caption above the other "
+                 f"{out['itm_pairwise']:.1f}%); swapped colour rejected {out['itm_neg_colour']:.1f}%, "
+                 f"swapped shape {out['itm_neg_shape']:.1f}%")
     lines.append(f"masked colour word {out['mlm_colour_acc']:.1f}% (shuffled images "
                  f"{out['mlm_colour_acc_shuffled']:.1f}%, chance {out['mlm_colour_chance']:.1f}%); "
                  f"masked shape word {out['mlm_shape_acc']:.1f}% (shuffled {out['mlm_shape_acc_shuffled']:.1f}%, "

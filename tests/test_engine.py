@@ -196,7 +196,7 @@ def finetune_fn(rank, world, out_dir):
         "task=retrieval", "model.mlm=false", "model.queue_size=64", "train.batch_size=16",
         "data.synthetic.train_samples=128", "data.synthetic.heldout_samples=48",
         "data.synthetic.samples_per_shard=64", "data.epoch_samples=64", "data.workers=0",
-        "train.epochs=3", "train.keep_last=1", "train.save_every=1000", "train.log_every=1",
+        "train.epochs=3", "train.max_steps=0", "train.keep_last=1", "train.save_every=1000", "train.log_every=1",
         "train.lr=0.002", "eval.every_epochs=1", "eval.k_test=8"])
     trainer = Trainer(cfg, ds_config(2), out_dir)
     assert trainer.train() == 0

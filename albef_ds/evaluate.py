@@ -391,6 +391,8 @@ def eval_model(model):
     params = list(module.named_parameters())
     if not any(hasattr(p, "ds_id") for _, p in params):
         return module
+    import dataclasses
+
     import deepspeed
 
     from albef_ds.models import ALBEF
@@ -401,11 +403,15 @@ def eval_model(model):
         with deepspeed.zero.GatheredParameters([p]):
             state[name] = p.detach().clone()
     first = state[online[0][0]]
-    plain = ALBEF(module.cfg).to(first.device)
-    missing = plain.load_state_dict(state, strict=False).missing_keys
-    if [k for k in missing if "_m." not in k and "queue" not in k and k != "queue_ptr"]:
-        raise RuntimeError(f"could not rebuild the model for evaluation: missing {missing[:5]}")
-    return plain.to(first.dtype).eval()
+    cfg = module.cfg        # the architecture only: nothing to download, no checkpoint to read
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None),
+                              text=dataclasses.replace(cfg.text, pretrained=None), init_checkpoint=None)
+    plain = ALBEF(cfg)
+    missing = {n for n, _ in plain.named_parameters() if "_m." not in n} - set(state)
+    if missing:
+        raise RuntimeError(f"could not rebuild the model for evaluation: no weights for {sorted(missing)[:5]}")
+    plain.load_state_dict(state, strict=False)
+    return plain.to(first.device, first.dtype).eval()
 
 
 def _word_ids(tokenizer, words) -> torch.Tensor:

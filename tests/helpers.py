@@ -11,6 +11,19 @@ TINY_CAPTIONS = ["a large red circle on the left", "two small blue squares at th
                  "two white rings near the top", "a big black square on the left side"]
 
 
+def random_jpeg(seed: int) -> bytes:
+    """A small random JPEG (20 x 24) for shard tests."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
 def tiny_model_config(**overrides):
     """The shipped tiny config with small queue and test-friendly extras."""
     items = [f"{k}={v}" for k, v in overrides.items()]

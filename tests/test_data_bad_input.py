@@ -1,25 +1,18 @@
 """Bad input is skipped and counted, never crashes or hangs the stream."""
-import io
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from albef_ds.config import DataConfig
 from albef_ds.data import SKIP_COUNTERS, PretrainStream
 from albef_ds.data.shards import write_shard
 from albef_ds.tokenizer import build_tokenizer
+from helpers import random_jpeg as jpeg
 
 TOKENIZER = build_tokenizer("tiny_vocab.txt")
 
 
-def jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG")
-    return out.getvalue()
 
 
 def good(key: str, seed: int) -> dict:

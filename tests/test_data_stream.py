@@ -1,5 +1,4 @@
 """Stream order: equal batches per rank in resampled mode, exactly-once passes, exact resume."""
-import io
 import itertools
 import json
 import random
@@ -7,21 +6,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from albef_ds.config import DataConfig
 from albef_ds.data import PretrainStream, pipeline
 from albef_ds.data.shards import write_shard
 from albef_ds.tokenizer import build_tokenizer
+from helpers import random_jpeg as tiny_jpeg
 
 TOKENIZER = build_tokenizer("tiny_vocab.txt")
 
 
-def tiny_jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG")
-    return out.getvalue()
 
 
 def write_corpus(folder, sizes, prefix="s"):

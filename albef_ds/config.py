@@ -190,6 +190,12 @@ def _convert(hint, value, path):
         raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # yaml reads 3e-4 (no decimal point) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{path}' has value {value!r}, expected float") from None
     if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint.__name__}")
     if path.endswith("corpora"):

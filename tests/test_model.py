@@ -18,6 +18,9 @@ def test_build_model_from_name_path_and_dict(tmp_path):
     assert albef_ds.build_model(str(path)).vision_proj.out_features == 48
     as_dict = albef_ds.build_model(load_config("tiny").to_dict())
     assert sum(p.numel() for p in as_dict.parameters()) == sum(p.numel() for p in by_name.parameters())
+    assert load_config("tiny", ["train.lr=3e-4"]).train.lr == 3e-4        # yaml's string form
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config("tiny", ["train.lr=fast"])
     with pytest.raises(ConfigError, match="model.vision.widht"):
         load_config("tiny", ["model.vision.widht=3"])
 

@@ -109,12 +109,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    if world_size() > 1:
-        dist.broadcast(x, src)
-    return x
-
-
 # Bytes this rank has received through fetch_rows (rows, their gradients, row ids), for benchmarks
 # and tests.
 traffic = {"fetch_bytes": 0}

@@ -49,8 +49,7 @@ def parse_args():
 
 def ds_config(stage: int, baseline: bool, gpu: bool) -> dict:
     ds = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-          "bf16": {"enabled": gpu and not baseline}, "steps_per_print": 10**9,
-          }
+          "bf16": {"enabled": gpu and not baseline}, "steps_per_print": 10**9}
     if stage > 0:
         ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True,
                                        reduce_bucket_size=5e7, allgather_bucket_size=5e7)

@@ -3,7 +3,7 @@ import math
 
 import albef_ds
 from albef_ds.config import TrainConfig
-from albef_ds.optim import lr_at, param_groups
+from albef_ds.optim import ALIGN, lr_at, param_groups
 from helpers import tiny_model_config
 
 
@@ -29,3 +29,20 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_per_epoch():
     assert lr_at(5000 * 15, cfg, 5000) == lr_at(5000 * 15 + 4999, cfg, 5000)   # constant in an epoch
     assert math.isclose(lr_at(5000 * 15, cfg, 5000), 1e-5 + 0.5 * 9e-5)
     assert math.isclose(lr_at(5000 * 30, cfg, 5000), 1e-5)
+
+
+def test_groups_keep_every_flat_buffer_view_aligned():
+    """DeepSpeed ZeRO-1/2 flatten each group in order; every tensor must start at an offset that
+    is a multiple of ALIGN elements, except the odd-sized ones, which come last."""
+    model = albef_ds.build_model(tiny_model_config())
+    assert model.cfg.text.vocab_size % ALIGN != 0       # the MLM bias is odd-sized here too
+    groups = param_groups(model, 0.02)
+    assert any(p.numel() % ALIGN for p in groups[1]["params"])
+    for group in groups:
+        sizes = [p.numel() for p in group["params"]]
+        odd = [s % ALIGN != 0 for s in sizes]
+        assert odd == sorted(odd)                       # the odd-sized tensors, all at the end
+        offset = 0
+        for size, is_odd in zip(sizes, odd):
+            assert offset % ALIGN == 0 or is_odd
+            offset += size

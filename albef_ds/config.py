@@ -122,6 +122,9 @@ class TrainConfig:
     save_every: int = 2000
     keep_last: int = 3
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
+    # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.
+    compile: bool = False
     output_dir: str = "output"
 
 

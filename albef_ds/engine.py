@@ -57,6 +57,10 @@ def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dic
     elif ds["train_batch_size"] != expected:
         raise ConfigError(f"ds config train_batch_size={ds['train_batch_size']} but micro batch "
                           f"{t.batch_size} x accumulation {t.grad_accum} x world size {world_size} = {expected}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if t.compile and stage == 3:
+        raise ConfigError("train.compile is not supported with ZeRO stage 3 (its parameter hooks "
+                          "gather weights inside the layers): use stage 0-2 or train.compile=false")
     global_batch = t.batch_size * world_size
     if global_batch > cfg.model.queue_size:
         raise ConfigError(f"global batch {global_batch} (micro batch {t.batch_size} x {world_size} ranks) "
@@ -158,6 +162,11 @@ class Trainer:
             queue = getattr(self.model, name)
             queue.data = queue.data.float()
         self.momentum = MomentumEMA(self.model, cfg.model.momentum)
+        if cfg.train.compile:
+            # Layer by layer, in place (state-dict names unchanged); static shapes: a step has a
+            # handful of distinct layer input shapes, each compiled once.
+            for layer in self.model.transformer_layers():
+                layer.compile(dynamic=False)
         self.step = 0                 # optimizer steps applied
         self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
         self.bad_in_row = 0

@@ -59,9 +59,10 @@ def negative_weights(sim: torch.Tensor, positives: torch.Tensor):
     valid = (~positives).any(1)
     # softmax can underflow to 0 for every negative while negatives exist: fall back to uniform
     # over the negatives, which is what softmax tends to as the similarities flatten.
+    # (torch.where rather than boolean-mask assignment: no host sync on GPU)
     underflow = valid & (weights.sum(1) <= 0)
-    weights[underflow] = (~positives[underflow]).float()
-    weights[~valid] = 1.0
+    weights = torch.where(underflow[:, None], (~positives).float(), weights)
+    weights = torch.where(valid[:, None], weights, torch.ones_like(weights))
     return weights, valid
 
 

@@ -59,6 +59,11 @@ class ALBEF(nn.Module):
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
 
+    def transformer_layers(self) -> list[nn.Module]:
+        """Every ViT block and BERT layer, online and momentum: the units worth compiling."""
+        return [layer for vit in (self.visual_encoder, self.visual_encoder_m) for layer in vit.blocks] + [
+            layer for text in (self.text_encoder, self.text_encoder_m) for layer in text.bert.encoder.layer]
+
     @torch.no_grad()
     def clamp_temperature_(self) -> None:
         """Clamps the stored temperature (whole-parameter case; the engine handles ZeRO masters)."""
@@ -130,6 +135,11 @@ class ALBEF(nn.Module):
         elif masked_ids is None:
             masked_ids, mlm_labels = self.mask_text(input_ids, generator, rows)
         predicted = mlm_labels != objectives.IGNORE
+        # Flat indices of the predicted tokens, found once: each boolean-mask index is a host sync.
+        positions = predicted.flatten().nonzero().squeeze(1)
+
+        def at_predicted(x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(0, 1).index_select(0, positions)
         ids2 = torch.cat([input_ids, masked_ids])
         mask2 = torch.cat([attention_mask, attention_mask[:m]])
 
@@ -146,7 +156,7 @@ class ALBEF(nn.Module):
             text_feat_m = F.normalize(self.text_proj_m(text_states_m[:b, 0]), dim=-1)
             if m:
                 fused_m = self.text_encoder_m.fuse(text_states_m[b:], attention_mask, [image_embeds_m])
-                mlm_logits_m = self.text_encoder_m.mlm_logits(fused_m[predicted])
+                mlm_logits_m = self.text_encoder_m.mlm_logits(at_predicted(fused_m))
 
             image_feat_all = dist.all_gather_nograd(image_feat_m)
             text_feat_all = dist.all_gather_nograd(text_feat_m)
@@ -189,8 +199,8 @@ class ALBEF(nn.Module):
             itm_norm, mlm_norm = dist.all_reduce_sum(counts) / dist.world_size()
         loss_itm, itm_acc = objectives.itm(self.itm_head(fused[m:, 0]), valid, itm_norm)
         if m:
-            mlm_logits = self.text_encoder.mlm_logits(fused[:m][predicted])
-            loss_mlm, mlm_acc = objectives.mlm(mlm_logits, input_ids[predicted], mlm_logits_m, alpha, mlm_norm)
+            mlm_logits = self.text_encoder.mlm_logits(at_predicted(fused[:m]))
+            loss_mlm, mlm_acc = objectives.mlm(mlm_logits, at_predicted(input_ids[:m]), mlm_logits_m, alpha, mlm_norm)
         else:
             loss_mlm = mlm_acc = torch.zeros((), device=images.device)
 

@@ -100,6 +100,7 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
         return x
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
+    traffic["gather_bytes"] += (world_size() - 1) * x.numel() * x.element_size()
     return torch.cat(out)
 
 
@@ -109,9 +110,9 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Bytes this rank has received through fetch_rows (rows, their gradients, row ids), for benchmarks
-# and tests.
-traffic = {"fetch_bytes": 0}
+# Bytes this rank has received, for benchmarks and tests: through fetch_rows (hard-negative rows,
+# their gradients, row ids) and through all_gather_nograd (the global batch's ITC features).
+traffic = {"fetch_bytes": 0, "gather_bytes": 0}
 
 
 class _RowExchange:

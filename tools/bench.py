@@ -37,9 +37,15 @@ def parse_args():
     ap.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--batch", type=int, default=4, help="micro batch per rank")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="measured steps (throughput, memory)")
+    ap.add_argument("--split_steps", type=int, default=2, help="further steps timed phase by phase")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of 2 more steps here")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: keep)")
     ap.add_argument("--baseline", action="store_true", help="optimisations off (see module doc)")
+    ap.add_argument("--torch_fused_adam", action="store_true",
+                    help="torch's fused AdamW instead of DeepSpeed's (where its JIT build is impossible)")
+    ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
+                    help="set a DeepSpeed config entry, e.g. bf16.check_grad_overflow=false (repeatable)")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the accelerator's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -47,16 +53,29 @@ def parse_args():
     return ap.parse_args()
 
 
-def ds_config(stage: int, baseline: bool, gpu: bool) -> dict:
+def ds_config(stage: int, baseline: bool, gpu: bool, client_optimizer: bool) -> dict:
     ds = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
           "bf16": {"enabled": gpu and not baseline}, "steps_per_print": 10**9}
     if stage > 0:
-        ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True,
+        # as ds_configs/: ZeRO-1 reduces all gradients after the backward pass (no per-parameter
+        # hooks, which cost more than they save on one node), ZeRO-2 as they are produced
+        ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=stage >= 2,
                                        reduce_bucket_size=5e7, allgather_bucket_size=5e7)
-    if baseline:
+    if client_optimizer:
         ds["zero_allow_untested_optimizer"] = True
     else:
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+    return ds
+
+
+def set_entries(ds: dict, entries: list[str]) -> dict:
+    for entry in entries:
+        key, _, value = entry.partition("=")
+        *sections, name = key.split(".")
+        node = ds
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = json.loads(value)
     return ds
 
 
@@ -66,7 +85,7 @@ def nbytes(tensors) -> int:
 
 class Timer:
     def __init__(self, gpu: bool):
-        self.gpu, self.totals = gpu, {}
+        self.gpu, self.totals, self.on = gpu, {}, False
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -94,23 +113,35 @@ def main() -> None:
     world = dist.world_size()
     length = cfg.data.max_tokens
 
+    def make_batch(g):
+        ids = torch.randint(10, cfg.model.text.vocab_size, (args.batch, length), generator=g)
+        ids[:, 0] = cfg.model.text.cls_token_id
+        mask = torch.ones_like(ids)
+        mask[:, length * 2 // 3:] = 0              # captions shorter than the padded length
+        ids[mask == 0] = cfg.model.text.pad_token_id
+        size = cfg.model.vision.img_size
+        batch = {"image": torch.randn(args.batch, 3, size, size, generator=g), "input_ids": ids,
+                 "attention_mask": mask}
+        # pinned, as a DataLoader with pin_memory hands them over, so the copy to the GPU is async
+        return {k: v.pin_memory() for k, v in batch.items()} if gpu else batch
+
+    # Two distinct batches made up front and cycled: the step is measured, not the random
+    # number generator (the data loader has its own benchmark).
+    g = torch.Generator().manual_seed(dist.rank())
+    fixed = [make_batch(g), make_batch(g)]
+
     def batches():
-        g = torch.Generator().manual_seed(dist.rank())
         while True:
-            ids = torch.randint(10, cfg.model.text.vocab_size, (args.batch, length), generator=g)
-            ids[:, 0] = cfg.model.text.cls_token_id
-            mask = torch.ones_like(ids)
-            mask[:, length * 2 // 3:] = 0              # captions shorter than the padded length
-            ids[mask == 0] = cfg.model.text.pad_token_id
-            size = cfg.model.vision.img_size
-            yield {"image": torch.randn(args.batch, 3, size, size, generator=g), "input_ids": ids,
-                   "attention_mask": mask}
+            yield from fixed
 
     from albef_ds.engine import Trainer
 
-    torch_adamw = (lambda groups: torch.optim.AdamW(groups, lr=cfg.train.lr)) if args.baseline else None
-    trainer = Trainer(cfg, ds_config(args.stage, args.baseline, gpu), os.path.join(ROOT, "output", "bench"),
-                      batches=batches(), client_optimizer=torch_adamw)
+    torch_adamw = None
+    if args.baseline or args.torch_fused_adam:
+        def torch_adamw(groups):
+            return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=args.torch_fused_adam or None)
+    ds = set_entries(ds_config(args.stage, args.baseline, gpu, torch_adamw is not None), args.ds)
+    trainer = Trainer(cfg, ds, os.path.join(ROOT, "output", "bench"), batches=batches(), client_optimizer=torch_adamw)
     engine = trainer.engine
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -124,6 +155,8 @@ def main() -> None:
     module_ids = {id(p) for p in trainable}
 
     def measuring_step(*a, **k):
+        if not timer.on:     # only in the split phase: the throughput phase measures the step alone
+            return original_step(*a, **k)
         masters = [p for g in inner.param_groups for p in g["params"] if id(p) not in module_ids]
         grads = seen.setdefault("grads", {})
         for p in trainable + masters:
@@ -133,6 +166,7 @@ def main() -> None:
         return original_step(*a, **k)
 
     inner.step = measuring_step
+    timer = Timer(gpu)
 
     # Time inside collectives (waiting included), by wrapping torch.distributed's entry points.
     import torch.distributed as tdist
@@ -152,38 +186,64 @@ def main() -> None:
                 comm_time["s"] += time.perf_counter() - start
         setattr(tdist, name, timed)
 
-    timer = Timer(gpu)
     data = iter(trainer.batches)
     attention = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if args.baseline
                  else contextlib.nullcontext())
     from albef_ds.distributed import traffic
 
-    with attention:
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                timer.totals.clear()
-                comm_time["s"] = 0.0
-                seen.clear()
-                traffic["fetch_bytes"] = 0
-                if gpu:
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-            with timer("data"):
-                batch = next(data)
-            images, ids, mask = trainer._to_device(batch)
-            generator = torch.Generator().manual_seed(step)
-            with timer("forward"):
-                out = engine(images, ids, mask, alpha=0.4, generator=generator)
-            with timer("backward"):
-                engine.backward(out["loss"])
-            with timer("optimizer"):
-                engine.step()
-            with timer("momentum"):
-                trainer.momentum.update()
-                trainer._clamp_temperature()
-    elapsed = time.perf_counter() - started
+    def train_step(step: int, timed: bool) -> dict:
+        phase = timer if timed else (lambda name: contextlib.nullcontext())
+        with phase("data"):
+            images, ids, mask = trainer._to_device(next(data))
+        generator = torch.Generator().manual_seed(step)
+        with phase("forward"):
+            out = engine(images, ids, mask, alpha=0.4, generator=generator)
+        with phase("backward"):
+            engine.backward(out["loss"])
+        with phase("optimizer"):
+            engine.step()
+        with phase("momentum"):
+            trainer.momentum.update()
+            trainer._clamp_temperature()
+        return out
 
-    comm_s = comm_time["s"]
+    def synchronize():
+        if gpu:
+            torch.cuda.synchronize()
+
+    with attention:
+        step = 0
+        for _ in range(args.warmup):
+            train_step(step, timed=False)
+            step += 1
+        # Throughput: no synchronisation inside a step, so the host runs ahead of the device as
+        # in training.
+        synchronize()
+        traffic.update(fetch_bytes=0, gather_bytes=0)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        host_step_s = []      # when the host is the bottleneck, these are the step times
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            out = train_step(step, timed=False)
+            step += 1
+            host_step_s.append(time.perf_counter() - t)
+        synchronize()
+        losses = {k: float(v.detach()) for k, v in out.items()}     # last measured step: finite?
+        elapsed = time.perf_counter() - started
+        hard_negative_bytes, itc_gather_bytes = traffic["fetch_bytes"], traffic["gather_bytes"]
+        # Step split: the same steps with the device synchronised at every phase boundary.
+        comm_time["s"] = 0.0
+        timer.on = True
+        for _ in range(args.split_steps):
+            train_step(step, timed=True)
+            step += 1
+        timer.on = False
+        if args.profile:
+            write_profile(args.profile, gpu, lambda: [train_step(step + i, timed=False) for i in range(2)])
+
+    comm_s = comm_time["s"] / max(1, args.split_steps)
     state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
     samples_per_s = args.batch * world * args.steps / elapsed
     flops = train_flops_per_sample(cfg.model, length, args.batch * world,
@@ -193,19 +253,23 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {
         "config": args.config, "stage": args.stage, "world_size": world, "micro_batch": args.batch,
-        "baseline": args.baseline, "device": torch.cuda.get_device_name() if gpu else "cpu",
-        "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "threads": torch.get_num_threads(),
+        "baseline": args.baseline, "ds_entries": args.ds, "overrides": args.overrides, "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(inner).__name__, "threads": torch.get_num_threads(),
         "samples_per_s": samples_per_s, "samples_per_s_per_rank": samples_per_s / world,
         "step_s": elapsed / args.steps,
-        "split_s_per_step": {k: v / args.steps for k, v in timer.totals.items()},
-        "communication_s_per_step": comm_s / args.steps,
-        "hard_negative_bytes_per_step": traffic["fetch_bytes"] / args.steps,
+        "split_s_per_step": {k: v / max(1, args.split_steps) for k, v in timer.totals.items()},
+        "communication_s_per_step": comm_s,
+        "hard_negative_bytes_per_step": hard_negative_bytes / args.steps,
+        "itc_gather_bytes_per_step": itc_gather_bytes / args.steps,
+        "itc_columns": args.batch * world + cfg.model.queue_size,     # similarities per row
         "rank_bytes": {"parameters": nbytes([local_data(p) for p in trainable]),
                        "gradients": sum(seen.get("grads", {}).values()),
                        "optimizer_state": nbytes(state),
                        "master_weights": sum(seen.get("masters", {}).values()),
                        "momentum_model": momentum_bytes},
         "peak_memory_bytes": peak,
+        "last_step_losses": losses,
+        "host_step_s": host_step_s,
         "model_tflops_per_sample": flops / 1e12,
         "achieved_tflops_per_rank": flops * samples_per_s / world / 1e12,
     }
@@ -220,24 +284,50 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
+    if dist.is_distributed():
+        torch.distributed.destroy_process_group()
+
+
+def write_profile(path: str, gpu: bool, run) -> None:
+    """Operators by device time (GPU) or CPU time, and how busy the device was over the steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    if gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        if gpu:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if gpu else float("nan")
+    with open(path, "w") as f:
+        f.write(f"wall {wall:.4f} s for 2 steps (profiler on); device busy {busy:.4f} s\n\n")
+        f.write(events.table(sort_by=sort, row_limit=40))
+        f.write("\n\nby CPU time including children (where the host spends the step):\n")
+        f.write(events.table(sort_by="cpu_time_total", row_limit=60))
+    print(f"profile written to {path}: device busy {busy:.3f} s of {wall:.3f} s wall")
 
 
 def print_table(results) -> None:
     r = results[0]
-    gb = 2**30
     print(f"\n{r['config']} ZeRO-{r['stage']} x{r['world_size']} micro batch {r['micro_batch']} {r['dtype']} "
-          f"on {r['device']}{' (baseline)' if r['baseline'] else ''}: {r['samples_per_s']:.2f} samples/s, "
+          f"on {r['device']}{' (baseline)' if r['baseline'] else ''}, {r['optimizer']}: {r['samples_per_s']:.2f} samples/s, "
           f"{r['step_s']:.2f} s/step, {r['model_tflops_per_sample'] * 1e3:.1f} GFLOP/sample, "
           f"{r['achieved_tflops_per_rank']:.3f} TFLOP/s per rank" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""))
     print("step split (s): " + "  ".join(f"{k} {v:.3f}" for k, v in r["split_s_per_step"].items())
           + f"  (time in collectives, inside the above: {r['communication_s_per_step']:.3f})")
-    print(f"{'rank':>4} {'params GB':>10} {'grads GB':>9} {'optim GB':>9} {'master GB':>10} {'momentum GB':>12} "
-          f"{'peak GB':>8}")
+    print(f"cross-rank per step and rank: ITC gather {r['itc_gather_bytes_per_step']:,.0f} B, hard negatives "
+          f"{r['hard_negative_bytes_per_step']:,.0f} B; ITC columns (global batch + queue) {r['itc_columns']:,}")
+    unit, scale = ("GB", 2**30) if r["rank_bytes"]["parameters"] > 2**27 else ("MB", 2**20)
+    columns = ("parameters", "gradients", "optimizer_state", "master_weights", "momentum_model")
+    print(f"{'rank':>4} " + " ".join(f"{c + ' ' + unit:>18}" for c in columns) + f" {'peak memory GB':>15}")
     for i, x in enumerate(results):
-        b = x["rank_bytes"]
-        print(f"{i:>4} {b['parameters'] / gb:>10.3f} {b['gradients'] / gb:>9.3f} {b['optimizer_state'] / gb:>9.3f} "
-              f"{b['master_weights'] / gb:>10.3f} {b['momentum_model'] / gb:>12.3f} {x['peak_memory_bytes'] / gb:>8.2f}")
-
+        print(f"{i:>4} " + " ".join(f"{x['rank_bytes'][c] / scale:>18.3f}" for c in columns)
+              + f" {x['peak_memory_bytes'] / 2**30:>15.2f}")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import resource
 import signal
@@ -319,6 +320,20 @@ class Trainer:
         self.engine.step()
         return {k: v.detach().float() for k, v in out.items()}
 
+    def _check_applied_gradients(self) -> None:
+        """Under bf16 the shipped ds configs turn off DeepSpeed's per-tensor overflow check (a
+        quarter of an H100 step), so a non-finite gradient behind a finite loss is applied. The
+        global gradient norm, the same on every rank, shows it: every rank stops here, before
+        anything is saved, and the last checkpoint still holds good weights."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise RuntimeError(
+                f"non-finite gradient norm ({float(norm)}) at step {self.step + 1} with a finite loss: "
+                f"the update reached the weights, so training stops before saving them. Resume from the "
+                f"last checkpoint in {self.ckpt_dir} (--resume); if it recurs at the same step, check "
+                f"the data or lower train.lr, or set bf16.check_grad_overflow=true in the ds config to "
+                f"skip such steps instead (slower).")
+
     def _clamp_temperature(self) -> None:
         """ALBEF clamps the temperature parameter itself; under ZeRO the value to clamp is the
         optimizer's fp32 master copy."""
@@ -356,6 +371,7 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
         if self.engine.was_step_applied():
+            self._check_applied_gradients()
             self.momentum.update()
             self._clamp_temperature()
         self.step += 1

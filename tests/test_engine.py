@@ -255,3 +255,23 @@ def test_compiled_layers_train_like_eager_ones(tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-4)
     with pytest.raises(ConfigError, match="train.compile is not supported with ZeRO stage 3"):
         resolve_ds_config(ds_config(3), tiny_cfg(1, "train.compile=true"), 1)
+
+
+def nan_gradient_fn(rank, world, out_dir):
+    cfg = tiny_cfg(world)
+    ds = json.load(open(ds_config(2)))
+    ds["bf16"]["enabled"] = True          # as on a GPU: DeepSpeed's per-tensor overflow check is off
+    trainer = Trainer(cfg, ds, out_dir, batches=fixed_batches(cfg, rank, world))
+    data = iter(trainer.batches)
+    trainer.train_step(data)
+    trainer.save()
+    trainer.model.itm_head.weight.register_hook(lambda g: g * float("nan"))   # finite loss, NaN gradient
+    with pytest.raises(RuntimeError, match="non-finite gradient norm .* at step 2 with a finite loss") as error:
+        trainer.train_step(data)
+    return str(error.value), os.listdir(trainer.ckpt_dir)
+
+
+def test_a_non_finite_gradient_behind_a_finite_loss_stops_before_anything_is_saved(tmp_path):
+    message, saved = run_ranks(nan_gradient_fn, 1, str(tmp_path))[0]
+    assert str(tmp_path / "checkpoints") in message and "--resume" in message
+    assert [name for name in saved if name.startswith("step")] == ["step00000001"]

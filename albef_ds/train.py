@@ -68,6 +68,7 @@ def main(argv=None, task: str = "pretrain") -> int:
         from albef_ds.evaluate import evaluate_heldout
 
         evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
+    trainer.close()
     return code
 
 

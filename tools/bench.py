@@ -6,8 +6,11 @@ GPU:        python tools/bench.py --config base --stage 2 --batch 64 --peak_tflo
 Baseline:   ... --baseline   (the public implementation's setting: fp32, TF32 off, plain (math)
             attention, torch.optim.AdamW instead of DeepSpeed's fused Adam)
 
-Runs `--warmup` then `--steps` optimizer steps of the real Trainer on random in-memory batches
-(the data loader has its own benchmark, tools/bench_data.py). Prints a table, writes JSON.
+Runs the real Trainer's engine on two random in-memory batches (the data loader has its own
+benchmark, tools/bench_data.py): `--warmup` steps, then `--steps` steps with no synchronisation
+inside them (samples/s, peak memory, bytes exchanged), then `--split_steps` steps synchronised at
+each phase boundary (the step split, time in collectives, per-rank bytes), then with `--profile`
+two steps under torch.profiler. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=4, help="micro batch per rank")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="measured steps (throughput, memory)")
-    ap.add_argument("--split_steps", type=int, default=2, help="further steps timed phase by phase")
+    ap.add_argument("--split_steps", type=int, default=2, choices=range(1, 1000), metavar="N",
+                    help="further steps timed phase by phase; they also read the per-rank bytes (>= 1)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of 2 more steps here")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: keep)")
     ap.add_argument("--baseline", action="store_true", help="optimisations off (see module doc)")
@@ -253,8 +257,10 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {
         "config": args.config, "stage": args.stage, "world_size": world, "micro_batch": args.batch,
-        "baseline": args.baseline, "ds_entries": args.ds, "overrides": args.overrides, "device": torch.cuda.get_device_name() if gpu else "cpu",
-        "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(inner).__name__, "threads": torch.get_num_threads(),
+        "baseline": args.baseline, "ds_entries": args.ds, "overrides": args.overrides,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(inner).__name__,
+        "threads": torch.get_num_threads(),
         "samples_per_s": samples_per_s, "samples_per_s_per_rank": samples_per_s / world,
         "step_s": elapsed / args.steps,
         "split_s_per_step": {k: v / max(1, args.split_steps) for k, v in timer.totals.items()},
@@ -284,8 +290,7 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
-    if dist.is_distributed():
-        torch.distributed.destroy_process_group()
+    trainer.close()
 
 
 def write_profile(path: str, gpu: bool, run) -> None:

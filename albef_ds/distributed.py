@@ -126,20 +126,22 @@ class _RowExchange:
         world = world_size()
         owner = index // rows_per_rank
         self.order = torch.argsort(owner, stable=True)          # requests grouped by owner
-        self.recv_splits = torch.bincount(owner, minlength=world)
-        send_counts = torch.empty_like(self.recv_splits)
-        dist.all_to_all_single(send_counts, self.recv_splits)
-        self.send_splits = send_counts
+        recv_counts = torch.bincount(owner, minlength=world)
+        send_counts = torch.empty_like(recv_counts)
+        dist.all_to_all_single(send_counts, recv_counts)
+        # all_to_all takes its split sizes as Python ints: read them once, two host syncs per
+        # exchange rather than two per use (a GPU waits through each)
+        self.recv_splits, self.send_splits = recv_counts.tolist(), send_counts.tolist()
         wanted = (index % rows_per_rank)[self.order]
-        self.rows_to_send = torch.empty(int(send_counts.sum()), dtype=index.dtype, device=index.device)
-        dist.all_to_all_single(self.rows_to_send, wanted, self.send_splits.tolist(), self.recv_splits.tolist())
+        self.rows_to_send = torch.empty(sum(self.send_splits), dtype=index.dtype, device=index.device)
+        dist.all_to_all_single(self.rows_to_send, wanted, self.send_splits, self.recv_splits)
         # (plus world_size request counts of 8 bytes, the only part that grows with the world)
         traffic["fetch_bytes"] += self.rows_to_send.numel() * index.element_size()
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
         payload = local[self.rows_to_send].flatten(1).contiguous()
-        received = payload.new_empty((int(self.recv_splits.sum()), payload.shape[1]))
-        dist.all_to_all_single(received, payload, self.recv_splits.tolist(), self.send_splits.tolist())
+        received = payload.new_empty((sum(self.recv_splits), payload.shape[1]))
+        dist.all_to_all_single(received, payload, self.recv_splits, self.send_splits)
         traffic["fetch_bytes"] += received.numel() * received.element_size()
         out = torch.empty_like(received)
         out[self.order] = received
@@ -148,7 +150,7 @@ class _RowExchange:
     def backward(self, grad: torch.Tensor, local_shape) -> torch.Tensor:
         grouped = grad[self.order].flatten(1).contiguous()
         returned = grouped.new_empty((self.rows_to_send.numel(), grouped.shape[1]))
-        dist.all_to_all_single(returned, grouped, self.send_splits.tolist(), self.recv_splits.tolist())
+        dist.all_to_all_single(returned, grouped, self.send_splits, self.recv_splits)
         traffic["fetch_bytes"] += returned.numel() * returned.element_size()
         out = grad.new_zeros((local_shape[0], grouped.shape[1]))
         out.index_add_(0, self.rows_to_send, returned)

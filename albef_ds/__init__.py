@@ -1,7 +1,6 @@
 """ALBEF-DS: ALBEF vision-language pretraining with DeepSpeed ZeRO."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Union
 
 from .config import Config, ModelConfig, load_config
@@ -24,8 +23,7 @@ def build_model(config: Union[str, dict, Config, ModelConfig] = "tiny") -> ALBEF
         return ALBEF(cfg)
     from .convert import init_from_checkpoint
 
-    model = ALBEF(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None),
-                                      text=dataclasses.replace(cfg.text, pretrained=None)))
+    model = ALBEF(cfg.architecture_only())
     init_from_checkpoint(model, cfg.init_checkpoint)
     return model
 

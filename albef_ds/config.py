@@ -73,6 +73,11 @@ class ModelConfig:
     # A checkpoint to start from: our single-file format or a released ALBEF file.
     init_checkpoint: Optional[str] = None
 
+    def architecture_only(self) -> "ModelConfig":
+        """The same architecture with no pretrained weights to fetch and no checkpoint to load."""
+        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, pretrained=None),
+                                   text=dataclasses.replace(self.text, pretrained=None), init_checkpoint=None)
+
 
 @dataclass
 class CorpusConfig:

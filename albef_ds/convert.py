@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -38,6 +37,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import Config, ConfigError, ModelConfig, load_config
 from .models import ALBEF
 from .models.vit import resize_pos_embed
@@ -111,13 +111,7 @@ def model_layout(cfg: ModelConfig) -> Layout:
     """The layout of the ALBEF that `cfg` describes, from a model built on the meta device
     (no memory, no initialisation, well under a second for the base model)."""
     with torch.device("meta"):
-        return layout_of(ALBEF(_without_downloads(cfg)))
-
-
-def _without_downloads(cfg: ModelConfig) -> ModelConfig:
-    """The same architecture with no pretrained weights to fetch and no checkpoint to load."""
-    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None),
-                               text=dataclasses.replace(cfg.text, pretrained=None), init_checkpoint=None)
+        return layout_of(ALBEF(cfg.architecture_only()))
 
 
 def _as_config(config) -> Config:
@@ -132,7 +126,7 @@ def _stored_config(cfg: Config) -> Config:
     """The config written with converted weights: the file holds every weight, so there is
     nothing pretrained to fetch and no checkpoint to start from."""
     cfg = copy.deepcopy(cfg)
-    cfg.model = _without_downloads(cfg.model)
+    cfg.model = cfg.model.architecture_only()
     return cfg
 
 
@@ -420,16 +414,15 @@ def locate_training_checkpoint(path: str, tag: Optional[str] = None) -> tuple[st
     if not os.path.isdir(ckpt_dir):
         ckpt_dir = path
     tags = _tags(ckpt_dir)
-    latest = os.path.join(ckpt_dir, "latest")
+    latest = os.path.join(ckpt_dir, checkpoint.LATEST)
     if tag is None:
-        if not os.path.isfile(latest):
+        tag = checkpoint.latest_tag(ckpt_dir)
+        if tag is None:
             if not tags:
                 raise ConversionError(f"no training checkpoint in '{path}': no 'latest' file and no checkpoint "
                                       f"folders in '{ckpt_dir}'")
             raise ConversionError(f"'{ckpt_dir}' has no 'latest' file: name a checkpoint with --tag "
                                   f"(there: {', '.join(tags)})")
-        with open(latest) as f:
-            tag = f.read().strip()
         if not os.path.isdir(os.path.join(ckpt_dir, tag)):
             raise ConversionError(f"'{latest}' names checkpoint '{tag}', which is not in '{ckpt_dir}'")
     elif not tag or os.sep in tag or tag in (".", "..") or not os.path.isdir(os.path.join(ckpt_dir, tag)):
@@ -693,7 +686,7 @@ def load_model(path: str, config=None, device: Union[str, torch.device] = "cpu",
     (half the memory; the inference API does not use them). What the file lacks (the MLM head of a
     fine-tuned release, ...) keeps its initialisation and is reported as a warning."""
     ckpt = read_checkpoint(path, tag=tag, config=config)
-    model = ALBEF(_without_downloads(ckpt.config.model))
+    model = ALBEF(ckpt.config.model.architecture_only())
     layout = layout_of(model)
     state = ckpt.state_dict if momentum else prepare(ckpt.state_dict, layout, momentum=False)
     report = ckpt.report.then(load_state(model, state, ckpt.source, fill_momentum=momentum))

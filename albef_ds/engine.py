@@ -399,14 +399,19 @@ class Trainer:
             self.save()
             return 0
         finally:
-            for s, handler in self._previous_handlers.items():
-                signal.signal(s, handler)
+            self._restore_signal_handlers()
             self.log.close()
 
+    def _restore_signal_handlers(self) -> None:
+        for s, handler in self._previous_handlers.items():
+            signal.signal(s, handler)
+
     def close(self) -> None:
-        """Tears down in order, every rank together: DeepSpeed's hooks and buffers, then the
-        process group. Left to interpreter exit, a ZeRO-3 rank sometimes aborted there
-        ("terminate called without an active exception", 1 run in 8 of tools/bench.py)."""
+        """Tears down in order, every rank together: the signal handlers installed at start-up
+        (also for a Trainer never trained), DeepSpeed's hooks and buffers, then the process
+        group. Left to interpreter exit, a ZeRO-3 rank sometimes aborted there ("terminate
+        called without an active exception", 1 run in 8 of tools/bench.py)."""
+        self._restore_signal_handlers()
         if dist.is_distributed():
             torch.distributed.barrier()
         self.engine.destroy()

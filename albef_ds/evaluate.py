@@ -391,8 +391,6 @@ def eval_model(model):
     params = list(module.named_parameters())
     if not any(hasattr(p, "ds_id") for _, p in params):
         return module
-    import dataclasses
-
     import deepspeed
 
     from albef_ds.models import ALBEF
@@ -403,10 +401,7 @@ def eval_model(model):
         with deepspeed.zero.GatheredParameters([p]):
             state[name] = p.detach().clone()
     first = state[online[0][0]]
-    cfg = module.cfg        # the architecture only: nothing to download, no checkpoint to read
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None),
-                              text=dataclasses.replace(cfg.text, pretrained=None), init_checkpoint=None)
-    plain = ALBEF(cfg)
+    plain = ALBEF(module.cfg.architecture_only())
     missing = {n for n, _ in plain.named_parameters() if "_m." not in n} - set(state)
     if missing:
         raise RuntimeError(f"could not rebuild the model for evaluation: no weights for {sorted(missing)[:5]}")

@@ -133,9 +133,10 @@ def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Ten
     if labels.numel() == 0:
         zero = logits.sum() * 0.0
         return zero, zero.detach()
-    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
+    log_probs = F.log_softmax(logits.float(), -1)          # once, for both terms: [M, vocabulary]
+    per_token = F.nll_loss(log_probs, labels, reduction="none")
     if logits_m is not None and alpha > 0:
-        soft = -(F.log_softmax(logits.float(), -1) * F.softmax(logits_m.float(), -1)).sum(-1)
+        soft = -(log_probs * F.softmax(logits_m.float(), -1)).sum(-1)
         per_token = (1 - alpha) * per_token + alpha * soft
     loss = per_token.sum() / (labels.numel() if normalizer is None else normalizer)
     acc = (logits.argmax(-1) == labels).float().mean()

@@ -8,8 +8,9 @@
 # RUNS="..." picks runs (default: optimised baseline compiled); diagnostics: overflow_checked,
 # zero1 (see below).
 # Prints samples/s/GPU, MFU and peak memory of each and the ratios; writes JSON and a profile of
-# the optimised step to $BENCH_OUT. Fits a 10-minute call: on an H100 all five runs, FusedAdam's
-# JIT build included, took 4.4 minutes (docs/benchmarks.md).
+# the optimised step to $BENCH_OUT. On an H100 all five runs, FusedAdam's JIT build included, took
+# 4.4 minutes (docs/benchmarks.md); the per-run time limits add up to 11 minutes at the most.
+# Also read: PEAK_TFLOPS (default 989), CONFIG (default base), BATCH (default 64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${BENCH_OUT:-output/bench_gpu}

@@ -127,9 +127,18 @@ class TrainConfig:
     save_every: int = 2000
     keep_last: int = 3
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    # true: a non-finite loss on any rank is skipped, which needs the ranks' agreement after every
+    # forward pass: one wait for the device per micro-batch (11% of an H100 step at batch 64,
+    # docs/benchmarks.md). false: no wait; the agreement is read a micro-batch later, so a
+    # non-finite loss has been trained on and the run stops before saving (resume from the last
+    # checkpoint).
+    skip_non_finite: bool = True
     # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
     # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.
     compile: bool = False
+    # torch.compile's mode for them: "reduce-overhead" also records each layer's kernels as CUDA
+    # graphs, replayed with one launch (GPU only; on CPU it compiles as "default").
+    compile_mode: str = "default"
     output_dir: str = "output"
 
 
@@ -147,6 +156,7 @@ class EvalConfig:
 
 
 TASKS = ("pretrain", "retrieval")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -270,6 +280,8 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
     validate_model_config(config.model)
     if config.task not in TASKS:
         raise ConfigError(f"task '{config.task}' is not one of {', '.join(TASKS)}")
+    if config.train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode '{config.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
     if config.task == "retrieval" and config.model.mlm:
         raise ConfigError("task 'retrieval' fine-tunes without MLM: set model.mlm=false")
     return config

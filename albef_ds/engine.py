@@ -23,6 +23,7 @@ from . import build_model, checkpoint
 from . import distributed as dist
 from .config import Config, ConfigError
 from .metrics import MetricsLogger
+from .models.albef import TEMP_RANGE
 from .momentum import MomentumEMA
 from .objectives import alpha_at
 from .optim import lr_at, param_groups
@@ -62,6 +63,15 @@ def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dic
     if t.compile and stage == 3:
         raise ConfigError("train.compile is not supported with ZeRO stage 3 (its parameter hooks "
                           "gather weights inside the layers): use stage 0-2 or train.compile=false")
+    zero = ds.get("zero_optimization", {})
+    for key in ("overlap_comm", "contiguous_gradients"):
+        if zero.get(key) == "auto":
+            # One rank reduces nothing: no communication to overlap (and overlap_comm makes ZeRO
+            # wait for the device at the end of every backward pass), no partition for the
+            # contiguous buffer to feed (it costs a copy per gradient in a Python hook, ~60% of
+            # ZeRO-2's overhead over ZeRO-1 per step, docs/benchmarks.md). Several ranks: DeepSpeed's
+            # recommended setting (the contiguous path reduces each gradient to its owner only).
+            zero[key] = world_size > 1
     global_batch = t.batch_size * world_size
     if global_batch > cfg.model.queue_size:
         raise ConfigError(f"global batch {global_batch} (micro batch {t.batch_size} x {world_size} ranks) "
@@ -167,13 +177,15 @@ class Trainer:
             # Layer by layer, in place (state-dict names unchanged); static shapes: a step has a
             # handful of distinct layer input shapes, each compiled once.
             for layer in self.model.transformer_layers():
-                layer.compile(dynamic=False)
+                layer.compile(dynamic=False, mode=cfg.train.compile_mode)
         self.step = 0                 # optimizer steps applied
         self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
         self.bad_in_row = 0
         self.bad_total = 0
         self.log = None
-        self.temperature = cfg.model.temp
+        self.agreed_signal = None     # the signal a rank received, once all ranks know it
+        self.applied_norm = None      # (step, global gradient norm) of the last applied step
+        self.pending_agreement = None  # (step, flags) not read yet (train.skip_non_finite=false)
         if resume_tag is not None:
             self._resume(resume_tag)
 
@@ -203,6 +215,8 @@ class Trainer:
         return tag
 
     def save(self) -> str:
+        self._read_pending_agreement()
+        self._check_applied_norm()
         client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
                   "best": self.best,
                   "queues": {k: v.detach().cpu() for k, v in self.model.named_buffers()
@@ -270,13 +284,6 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
 
-    def _signal_received(self) -> Optional[int]:
-        """The signal any rank received (ranks may see it at different steps: agree first)."""
-        flag = torch.tensor([self._signal or 0], device=self.device)
-        if dist.is_distributed():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
-
     # ---- the loop ------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> tuple:
         images = batch["image"].to(self.device, non_blocking=True).to(self.dtype)
@@ -289,11 +296,41 @@ class Trainer:
             return None
         return torch.tensor([key_id(k) for k in batch["keys"]], device=self.device)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
+    def _agree(self, loss: torch.Tensor) -> bool:
+        """After the forward pass, every rank learns at once whether any rank's loss is
+        non-finite, which signal any rank received (ranks may receive it at different steps) and
+        whether the last applied gradient norm was non-finite (read here, not right after the
+        step, which would be a second wait for the device). True: train on this loss.
+        With train.skip_non_finite the answer is read now (the step's one wait); without, the
+        previous micro-batch's answer is read and this one's is kept for the next."""
+        flags = torch.zeros(3, device=loss.device)
+        flags[0] = ~torch.isfinite(loss.detach())
+        flags[1] = self._signal or 0
+        flags[2] = self._applied_norm_is_bad()
         if dist.is_distributed():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if self.cfg.train.skip_non_finite:
+            return self._read_agreement(self.step + 1, flags)
+        self._read_pending_agreement()
+        self.pending_agreement = (self.step + 1, flags)
+        return True
+
+    def _read_agreement(self, step: int, flags: torch.Tensor) -> bool:
+        bad_loss, signum, bad_norm = flags.tolist()
+        if bad_norm:
+            self._raise_non_finite_norm()
+        self.agreed_signal = max(self.agreed_signal or 0, int(signum)) or None
+        if bad_loss and not self.cfg.train.skip_non_finite:
+            raise RuntimeError(
+                f"non-finite loss at step {step} (train.skip_non_finite=false: it was trained on), so "
+                f"training stops before saving. Resume from the last checkpoint in {self.ckpt_dir} "
+                f"(--resume); set train.skip_non_finite=true to skip such losses instead.")
+        return not bad_loss
+
+    def _read_pending_agreement(self) -> None:
+        if self.pending_agreement is not None:
+            pending, self.pending_agreement = self.pending_agreement, None
+            self._read_agreement(*pending)
 
     def _micro_step(self, batch: dict) -> Optional[dict]:
         """Forward, and backward unless the loss is non-finite on any rank. Returns the losses."""
@@ -302,7 +339,7 @@ class Trainer:
         self.micro_seen += 1
         alpha = alpha_at(self.step, self.steps_per_epoch, self.cfg.model.alpha)
         out = self.engine(images, ids, mask, alpha=alpha, image_ids=self._image_ids(batch), generator=generator)
-        if not self._all_finite(out["loss"]):
+        if not self._agree(out["loss"]):
             self.bad_in_row += 1
             self.bad_total += 1
             if dist.rank() == 0:
@@ -320,34 +357,56 @@ class Trainer:
         self.engine.step()
         return {k: v.detach().float() for k, v in out.items()}
 
-    def _check_applied_gradients(self) -> None:
-        """Under bf16 the shipped ds configs turn off DeepSpeed's per-tensor overflow check (a
-        quarter of an H100 step), so a non-finite gradient behind a finite loss is applied. The
-        global gradient norm, the same on every rank, shows it: every rank stops here, before
-        anything is saved, and the last checkpoint still holds good weights."""
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None and not math.isfinite(float(norm)):
-            raise RuntimeError(
-                f"non-finite gradient norm ({float(norm)}) at step {self.step + 1} with a finite loss: "
-                f"the update reached the weights, so training stops before saving them. Resume from the "
-                f"last checkpoint in {self.ckpt_dir} (--resume); if it recurs at the same step, check "
-                f"the data or lower train.lr, or set bf16.check_grad_overflow=true in the ds config to "
-                f"skip such steps instead (slower).")
+    # Under bf16 the shipped ds configs turn off DeepSpeed's per-tensor overflow check (a quarter
+    # of an H100 step), so a non-finite gradient behind a finite loss is applied. The global
+    # gradient norm, the same on every rank, shows it: it is kept (on the device) after each
+    # applied step and checked at the next forward pass's agreement and before every save, so
+    # every rank stops before a checkpoint could hold the damaged weights.
+    def _applied_norm_is_bad(self) -> Union[torch.Tensor, bool]:
+        if self.applied_norm is None:
+            return False
+        norm = self.applied_norm[1]
+        return ~torch.isfinite(norm) if torch.is_tensor(norm) else not math.isfinite(norm)
+
+    def _check_applied_norm(self) -> None:
+        if bool(self._applied_norm_is_bad()):
+            self._raise_non_finite_norm()
+
+    def _raise_non_finite_norm(self) -> None:
+        step, norm = self.applied_norm
+        raise RuntimeError(
+            f"non-finite gradient norm ({float(norm)}) at step {step} with a finite loss: "
+            f"the update reached the weights, so training stops before saving them. Resume from the "
+            f"last checkpoint in {self.ckpt_dir} (--resume); if it recurs at the same step, check "
+            f"the data or lower train.lr, or set bf16.check_grad_overflow=true in the ds config to "
+            f"skip such steps instead (slower).")
 
     def _clamp_temperature(self) -> None:
         """ALBEF clamps the temperature parameter itself; under ZeRO the value to clamp is the
-        optimizer's fp32 master copy."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
+        optimizer's fp32 master copy: each rank clamps the slice of it that it holds, if any (no
+        communication, no wait for the device). DeepSpeed's safe_set_full_fp32_param would do it
+        through a collective, and under ZeRO-3 it fails for a parameter smaller than the world
+        size (it looks for the padded slice of the last rank past the value's end)."""
         temp = self.model.temp
-        master = safe_get_full_fp32_param(temp)
-        if master is None:
+        if hasattr(temp, "ds_id"):                       # ZeRO-3, as its own setter reaches the slice
+            z3 = temp._z3_optimizer
+            fragment, group = z3._get_fp32_opt_state_partition(temp, release_swap_buffers=False)
+            with torch.no_grad():      # the fragment is a view of the optimizer's parameter
+                fragment.clamp_(*TEMP_RANGE)
+            if z3._swappable_optimizer_subgroup(group):  # optimizer states offloaded to NVMe
+                z3._optimizer_states_and_gradient_swap_out(group)
+        elif not hasattr(temp, "_hp_mapping"):           # no ZeRO: the module holds the master
             self.model.clamp_temperature_()
-            self.temperature = float(temp.detach())
-        else:
-            if not 0.001 <= float(master) <= 0.5:
-                safe_set_full_fp32_param(temp, master.clamp(0.001, 0.5))
-            self.temperature = float(master.clamp(0.001, 0.5))
+        elif temp._hp_mapping is not None:               # ZeRO-1/2, on the rank that owns it
+            with torch.no_grad():
+                temp._hp_mapping.get_hp_fragment().clamp_(*TEMP_RANGE)
+
+    def temperature(self) -> float:
+        """The temperature as the optimizer holds it (a collective under ZeRO: every rank calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(self.model.temp)
+        return float(master if master is not None else self.model.temp.detach())
 
     def _set_lr(self) -> float:
         lr = lr_at(self.step, self.cfg.train, self.steps_per_epoch)
@@ -371,7 +430,9 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
         if self.engine.was_step_applied():
-            self._check_applied_gradients()
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                self.applied_norm = (self.step + 1, norm)
             self.momentum.update()
             self._clamp_temperature()
         self.step += 1
@@ -389,7 +450,7 @@ class Trainer:
                     self._log(sums, lr, elapsed, waited)
                 if self._eval_due():
                     self._evaluate_and_keep_best()
-                received = self._signal_received()
+                received = self.agreed_signal
                 if received:
                     self.save()
                     self.log.note(f"received {signal.Signals(received).name}: saved at step {self.step}, exiting")
@@ -432,7 +493,7 @@ class Trainer:
         else:
             peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         scalars.update(lr=lr, alpha=alpha_at(self.step - 1, self.steps_per_epoch, self.cfg.model.alpha),
-                       temperature=self.temperature,
+                       temperature=self.temperature(),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        samples_per_s=global_batch / elapsed, step_time_s=elapsed,
                        data_wait_fraction=waited / elapsed, peak_memory_gb=peak_gb,

@@ -142,6 +142,19 @@ def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
     assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
 
 
+def test_zero2_reduction_settings_follow_the_world_size():
+    """One rank has nothing to reduce: no overlap (a wait for the device per backward pass) and no
+    contiguous buffer (a copy per gradient); several ranks: DeepSpeed's setting. Explicit values stay."""
+    def reduction(world, **zero):
+        ds = json.load(open(ds_config(2)))
+        ds["zero_optimization"].update(zero)
+        z = resolve_ds_config(ds, tiny_cfg(world), world)["zero_optimization"]
+        return z["overlap_comm"], z["contiguous_gradients"]
+
+    assert reduction(1) == (False, False) and reduction(2) == (True, True)
+    assert reduction(1, contiguous_gradients=True) == (False, True)
+
+
 def nan_fn(rank, world, out_dir, poison):
     cfg = tiny_cfg(world, "train.max_bad_steps=3")
 
@@ -166,6 +179,36 @@ def test_non_finite_loss_is_skipped_and_counted_and_too_many_stop_the_run(tmp_pa
     assert all(map(lambda x: x == x, result["losses"]))            # no NaN reached a step
     stopped = run_ranks(nan_fn, 1, str(tmp_path / "b"), {1, 2, 3})[0]
     assert "3 non-finite losses in a row" in stopped["error"] and "last good checkpoint" in stopped["error"]
+
+
+def unskipped_nan_fn(rank, world, out_dir, reader):
+    cfg = tiny_cfg(world, "train.skip_non_finite=false")
+
+    def batches():
+        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
+            if i == 1 and rank == 0:
+                batch["image"][0, 0, 0, 0] = float("nan")
+            yield batch
+
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=batches())
+    data = iter(trainer.batches)
+    trainer.save()
+    trainer.train_step(data)
+    trainer.train_step(data)          # rank 0's loss is NaN: no wait, so both ranks train on it
+    read = trainer.save if reader == "save" else lambda: trainer.train_step(data)
+    with pytest.raises(RuntimeError, match="non-finite loss at step 2 .*skip_non_finite=false") as error:
+        read()
+    return trainer.step, sorted(os.listdir(trainer.ckpt_dir)), "--resume" in str(error.value)
+
+
+@pytest.mark.parametrize("reader", ["save", "next step"])
+def test_without_skipping_a_non_finite_loss_stops_every_rank_before_saving(tmp_path, reader):
+    """train.skip_non_finite=false: the agreement is read a micro-batch later (no wait for the
+    device), by the next forward pass or a save; every rank stops, nothing after step 0 is saved."""
+    results = run_ranks(unskipped_nan_fn, 2, str(tmp_path), reader)
+    assert results[0] == results[1]
+    step, saved, names_resume = results[0]
+    assert step == 2 and [n for n in saved if n.startswith("step")] == ["step00000000"] and names_resume
 
 
 def signal_fn(rank, world, out_dir):
@@ -265,13 +308,41 @@ def nan_gradient_fn(rank, world, out_dir):
     data = iter(trainer.batches)
     trainer.train_step(data)
     trainer.save()
-    trainer.model.itm_head.weight.register_hook(lambda g: g * float("nan"))   # finite loss, NaN gradient
-    with pytest.raises(RuntimeError, match="non-finite gradient norm .* at step 2 with a finite loss") as error:
-        trainer.train_step(data)
-    return str(error.value), os.listdir(trainer.ckpt_dir)
+    hook = trainer.model.itm_head.weight.register_hook(lambda g: g * float("nan"))  # finite loss, NaN gradient
+    trainer.train_step(data)          # applied: the norm is read at the next save or forward pass
+    hook.remove()
+    messages = []
+    for attempt in (trainer.save, lambda: trainer.train_step(data)):
+        with pytest.raises(RuntimeError, match="non-finite gradient norm .* at step 2 with a finite loss") as error:
+            attempt()
+        messages.append(str(error.value))
+    return messages, trainer.step, os.listdir(trainer.ckpt_dir)
 
 
 def test_a_non_finite_gradient_behind_a_finite_loss_stops_before_anything_is_saved(tmp_path):
-    message, saved = run_ranks(nan_gradient_fn, 1, str(tmp_path))[0]
-    assert str(tmp_path / "checkpoints") in message and "--resume" in message
+    messages, step, saved = run_ranks(nan_gradient_fn, 1, str(tmp_path))[0]
+    assert all(str(tmp_path / "checkpoints") in m and "--resume" in m for m in messages)
+    assert step == 2                  # the next step stopped in its forward pass, before its update
     assert [name for name in saved if name.startswith("step")] == ["step00000001"]
+
+
+def temperature_fn(rank, world, stage, out_dir):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    cfg = tiny_cfg(world)
+    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
+    temp = trainer.model.temp
+    if stage == 2:
+        safe_set_full_fp32_param(temp, torch.full(temp.shape, 5.0))      # far above ALBEF's 0.5
+    else:    # DeepSpeed's setter fails for this 1-element parameter under ZeRO-3 (see the Trainer)
+        fragment = temp._z3_optimizer._get_fp32_opt_state_partition(temp, release_swap_buffers=False)[0]
+        with torch.no_grad():
+            fragment.fill_(5.0 if rank == 0 else 0.0)                   # rank 1 holds padding
+    trainer.train_step(iter(trainer.batches))
+    return float(safe_get_full_fp32_param(temp)), trainer.temperature()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_temperature_master_is_clamped_after_each_step(tmp_path, stage):
+    """The temperature lives in one rank's slice of the fp32 masters: the clamp reaches it."""
+    assert run_ranks(temperature_fn, 2, stage, str(tmp_path)) == [(0.5, 0.5), (0.5, 0.5)]

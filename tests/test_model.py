@@ -23,6 +23,8 @@ def test_build_model_from_name_path_and_dict(tmp_path):
         load_config("tiny", ["train.lr=fast"])
     with pytest.raises(ConfigError, match="model.vision.widht"):
         load_config("tiny", ["model.vision.widht=3"])
+    with pytest.raises(ConfigError, match="train.compile_mode 'fast' is not one of default, reduce-overhead"):
+        load_config("tiny", ["train.compile_mode=fast"])
 
 
 def test_base_config_is_the_paper_model():

@@ -6,16 +6,18 @@ GPU:        python tools/bench.py --config base --stage 2 --batch 64 --peak_tflo
 Baseline:   ... --baseline   (the public implementation's setting: fp32, TF32 off, plain (math)
             attention, torch.optim.AdamW instead of DeepSpeed's fused Adam)
 
-Runs the real Trainer's engine on two random in-memory batches (the data loader has its own
-benchmark, tools/bench_data.py): `--warmup` steps, then `--steps` steps with no synchronisation
-inside them (samples/s, peak memory, bytes exchanged), then `--split_steps` steps synchronised at
-each phase boundary (the step split, time in collectives, per-rank bytes), then with `--profile`
-two steps under torch.profiler. Prints a table, writes JSON.
+Runs the real Trainer on two random in-memory batches (the data loader has its own benchmark,
+tools/bench_data.py): `--warmup` steps, then `--steps` of the Trainer's training steps, as
+train.py runs them (samples/s, peak memory, bytes exchanged; `--engine_loop`: the engine's calls
+alone), then `--split_steps` steps of the
+same work synchronised at each phase boundary (the step split, time in collectives, per-rank
+bytes), then with `--profile` two training steps under torch.profiler. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -50,6 +52,9 @@ def parse_args():
                     help="torch's fused AdamW instead of DeepSpeed's (where its JIT build is impossible)")
     ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
                     help="set a DeepSpeed config entry, e.g. bf16.check_grad_overflow=false (repeatable)")
+    ap.add_argument("--engine_loop", action="store_true",
+                    help="measure the engine's calls alone, without the Trainer's agreement on the loss after "
+                         "the forward pass (what that wait for the device costs)")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the accelerator's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -62,9 +67,12 @@ def ds_config(stage: int, baseline: bool, gpu: bool, client_optimizer: bool) -> 
           "bf16": {"enabled": gpu and not baseline}, "steps_per_print": 10**9}
     if stage > 0:
         # as ds_configs/: ZeRO-1 reduces all gradients after the backward pass (no per-parameter
-        # hooks, which cost more than they save on one node), ZeRO-2 as they are produced
-        ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=stage >= 2,
-                                       reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+        # hooks, which cost more than they save on one node), ZeRO-2 as they are produced, with
+        # the Trainer's choice by world size of the two "auto" entries (albef_ds/engine.py)
+        reduction = {1: {"overlap_comm": False, "contiguous_gradients": False},
+                     2: {"overlap_comm": "auto", "contiguous_gradients": "auto"},
+                     3: {"overlap_comm": False, "contiguous_gradients": True}}[stage]
+        ds["zero_optimization"].update(**reduction, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
     if client_optimizer:
         ds["zero_allow_untested_optimizer"] = True
     else:
@@ -195,13 +203,13 @@ def main() -> None:
                  else contextlib.nullcontext())
     from albef_ds.distributed import traffic
 
-    def train_step(step: int, timed: bool) -> dict:
-        phase = timer if timed else (lambda name: contextlib.nullcontext())
+    seeds = itertools.count()
+
+    def engine_step(phase=lambda name: contextlib.nullcontext()) -> dict:
         with phase("data"):
             images, ids, mask = trainer._to_device(next(data))
-        generator = torch.Generator().manual_seed(step)
         with phase("forward"):
-            out = engine(images, ids, mask, alpha=0.4, generator=generator)
+            out = engine(images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(next(seeds)))
         with phase("backward"):
             engine.backward(out["loss"])
         with phase("optimizer"):
@@ -209,19 +217,21 @@ def main() -> None:
         with phase("momentum"):
             trainer.momentum.update()
             trainer._clamp_temperature()
-        return out
+        return {k: v.detach() for k, v in out.items()}
+
+    def training_step() -> dict:
+        return engine_step() if args.engine_loop else trainer.train_step(data)[0]
 
     def synchronize():
         if gpu:
             torch.cuda.synchronize()
 
     with attention:
-        step = 0
         for _ in range(args.warmup):
-            train_step(step, timed=False)
-            step += 1
-        # Throughput: no synchronisation inside a step, so the host runs ahead of the device as
-        # in training.
+            training_step()
+        # Throughput: the Trainer's own step (train.py's), whose one wait for the device is the
+        # agreement on the loss after the forward pass (--engine_loop: none); otherwise the host
+        # runs ahead.
         synchronize()
         traffic.update(fetch_bytes=0, gather_bytes=0)
         if gpu:
@@ -230,22 +240,20 @@ def main() -> None:
         host_step_s = []      # when the host is the bottleneck, these are the step times
         for _ in range(args.steps):
             t = time.perf_counter()
-            out = train_step(step, timed=False)
-            step += 1
+            losses = training_step()
             host_step_s.append(time.perf_counter() - t)
         synchronize()
-        losses = {k: float(v.detach()) for k, v in out.items()}     # last measured step: finite?
+        losses = {k: float(v) for k, v in losses.items()}     # last measured step: finite?
         elapsed = time.perf_counter() - started
         hard_negative_bytes, itc_gather_bytes = traffic["fetch_bytes"], traffic["gather_bytes"]
-        # Step split: the same steps with the device synchronised at every phase boundary.
+        # Step split: the same work with the device synchronised at every phase boundary.
         comm_time["s"] = 0.0
         timer.on = True
         for _ in range(args.split_steps):
-            train_step(step, timed=True)
-            step += 1
+            engine_step(timer)
         timer.on = False
         if args.profile:
-            write_profile(args.profile, gpu, lambda: [train_step(step + i, timed=False) for i in range(2)])
+            write_profile(args.profile, gpu, lambda: [training_step() for _ in range(2)])
 
     comm_s = comm_time["s"] / max(1, args.split_steps)
     state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
@@ -257,7 +265,7 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {
         "config": args.config, "stage": args.stage, "world_size": world, "micro_batch": args.batch,
-        "baseline": args.baseline, "ds_entries": args.ds, "overrides": args.overrides,
+        "baseline": args.baseline, "engine_loop": args.engine_loop, "ds_entries": args.ds, "overrides": args.overrides,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(inner).__name__,
         "threads": torch.get_num_threads(),

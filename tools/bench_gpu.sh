@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One-GPU benchmark of the base model (ViT-B/16 + BERT-base, 256 px, batch 64):
-#   optimised: bf16, ZeRO-2, SDPA (flash / memory-efficient kernels), DeepSpeed FusedAdam, no
-#              per-tensor overflow check (the Trainer skips non-finite losses itself)
+#   optimised: bf16, ZeRO-2 (as ds_configs/zero2.json resolves on one GPU: no overlap_comm, no
+#              contiguous gradient buffer), SDPA (flash / memory-efficient kernels), DeepSpeed
+#              FusedAdam, no per-tensor overflow check (the Trainer skips non-finite losses itself)
 #   baseline:  the public implementation's setting: fp32 with TF32 off, plain (math) attention,
 #              torch.optim.AdamW, no ZeRO
 #   compiled:  optimised + train.compile=true (torch.compile per transformer layer)
 # RUNS="..." picks runs (default: optimised baseline compiled); diagnostics: overflow_checked,
-# zero1 (see below).
+# zero1, contiguous, cudagraphs, cudagraphs_no_wait, zero1_cudagraphs, engine_loop (see below).
 # Prints samples/s/GPU, MFU and peak memory of each and the ratios; writes JSON and a profile of
 # the optimised step to $BENCH_OUT. On an H100 all five runs, FusedAdam's JIT build included, took
 # 4.4 minutes (docs/benchmarks.md); the per-run time limits add up to 11 minutes at the most.
@@ -50,13 +51,28 @@ for name in ${RUNS:-optimised baseline compiled}; do
     # hooks cost (ZeRO-1 reduces the gradients after the backward pass instead)
     overflow_checked) run $name 80 --stage 2 "${fused[@]}" --warmup 5 --steps 15 --split_steps 2 ;;
     zero1) run $name 80 --stage 1 "${fused[@]}" "${unchecked[@]}" --warmup 5 --steps 15 --split_steps 2 ;;
+    # ZeRO-2 with the contiguous gradient buffer (its multi-GPU setting): a copy per gradient in
+    # each per-parameter hook
+    contiguous) run $name 80 --stage 2 "${fused[@]}" "${unchecked[@]}" --ds zero_optimization.contiguous_gradients=true \
+                    --warmup 5 --steps 15 --split_steps 2 ;;
+    # compiled layers replayed as CUDA graphs (torch.compile mode reduce-overhead)
+    cudagraphs) run $name 150 --stage 2 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
+                    train.compile=true train.compile_mode=reduce-overhead ;;
+    # and without the Trainer's wait for the loss agreement (train.skip_non_finite=false)
+    cudagraphs_no_wait) run $name 150 --stage 2 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
+                            train.compile=true train.compile_mode=reduce-overhead train.skip_non_finite=false ;;
+    zero1_cudagraphs) run $name 150 --stage 1 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
+                          train.compile=true train.compile_mode=reduce-overhead ;;
+    # the engine's calls without the Trainer's one wait per step (the agreement on the loss)
+    engine_loop) run $name 80 --stage 2 "${fused[@]}" "${unchecked[@]}" --warmup 5 --steps 15 --split_steps 1 --engine_loop ;;
     *) echo "unknown run $name" ;;
     esac
 done
 
 python3 - "$out" <<'PY'
 import json, os, sys
-names = ("optimised", "compiled", "overflow_checked", "zero1", "baseline")
+names = ("optimised", "compiled", "cudagraphs", "cudagraphs_no_wait", "zero1_cudagraphs", "engine_loop", "contiguous", "overflow_checked",
+         "zero1", "baseline")
 runs = {n: json.load(open(f"{sys.argv[1]}/{n}.json"))[0] for n in names if os.path.exists(f"{sys.argv[1]}/{n}.json")}
 print()
 for name, r in runs.items():

@@ -127,12 +127,6 @@ class TrainConfig:
     save_every: int = 2000
     keep_last: int = 3
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
-    # true: a non-finite loss on any rank is skipped, which needs the ranks' agreement after every
-    # forward pass: one wait for the device per micro-batch (11% of an H100 step at batch 64,
-    # docs/benchmarks.md). false: no wait; the agreement is read a micro-batch later, so a
-    # non-finite loss has been trained on and the run stops before saving (resume from the last
-    # checkpoint).
-    skip_non_finite: bool = True
     # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
     # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.
     compile: bool = False

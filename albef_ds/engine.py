@@ -185,7 +185,6 @@ class Trainer:
         self.log = None
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
-        self.pending_agreement = None  # (step, flags) not read yet (train.skip_non_finite=false)
         if resume_tag is not None:
             self._resume(resume_tag)
 
@@ -215,7 +214,6 @@ class Trainer:
         return tag
 
     def save(self) -> str:
-        self._read_pending_agreement()
         self._check_applied_norm()
         client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
                   "best": self.best,
@@ -297,40 +295,22 @@ class Trainer:
         return torch.tensor([key_id(k) for k in batch["keys"]], device=self.device)
 
     def _agree(self, loss: torch.Tensor) -> bool:
-        """After the forward pass, every rank learns at once whether any rank's loss is
-        non-finite, which signal any rank received (ranks may receive it at different steps) and
-        whether the last applied gradient norm was non-finite (read here, not right after the
-        step, which would be a second wait for the device). True: train on this loss.
-        With train.skip_non_finite the answer is read now (the step's one wait); without, the
-        previous micro-batch's answer is read and this one's is kept for the next."""
+        """The step's one wait for the device: after the forward pass, every rank learns at once
+        whether any rank's loss is non-finite (to skip it everywhere), which signal any rank
+        received (ranks may receive it at different steps) and whether the last applied gradient
+        norm was non-finite (read here, not right after the step, which would be a second wait).
+        True: the loss is finite on every rank."""
         flags = torch.zeros(3, device=loss.device)
         flags[0] = ~torch.isfinite(loss.detach())
         flags[1] = self._signal or 0
         flags[2] = self._applied_norm_is_bad()
         if dist.is_distributed():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if self.cfg.train.skip_non_finite:
-            return self._read_agreement(self.step + 1, flags)
-        self._read_pending_agreement()
-        self.pending_agreement = (self.step + 1, flags)
-        return True
-
-    def _read_agreement(self, step: int, flags: torch.Tensor) -> bool:
         bad_loss, signum, bad_norm = flags.tolist()
         if bad_norm:
             self._raise_non_finite_norm()
         self.agreed_signal = max(self.agreed_signal or 0, int(signum)) or None
-        if bad_loss and not self.cfg.train.skip_non_finite:
-            raise RuntimeError(
-                f"non-finite loss at step {step} (train.skip_non_finite=false: it was trained on), so "
-                f"training stops before saving. Resume from the last checkpoint in {self.ckpt_dir} "
-                f"(--resume); set train.skip_non_finite=true to skip such losses instead.")
         return not bad_loss
-
-    def _read_pending_agreement(self) -> None:
-        if self.pending_agreement is not None:
-            pending, self.pending_agreement = self.pending_agreement, None
-            self._read_agreement(*pending)
 
     def _micro_step(self, batch: dict) -> Optional[dict]:
         """Forward, and backward unless the loss is non-finite on any rank. Returns the losses."""

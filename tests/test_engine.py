@@ -181,36 +181,6 @@ def test_non_finite_loss_is_skipped_and_counted_and_too_many_stop_the_run(tmp_pa
     assert "3 non-finite losses in a row" in stopped["error"] and "last good checkpoint" in stopped["error"]
 
 
-def unskipped_nan_fn(rank, world, out_dir, reader):
-    cfg = tiny_cfg(world, "train.skip_non_finite=false")
-
-    def batches():
-        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
-            if i == 1 and rank == 0:
-                batch["image"][0, 0, 0, 0] = float("nan")
-            yield batch
-
-    trainer = Trainer(cfg, ds_config(2), out_dir, batches=batches())
-    data = iter(trainer.batches)
-    trainer.save()
-    trainer.train_step(data)
-    trainer.train_step(data)          # rank 0's loss is NaN: no wait, so both ranks train on it
-    read = trainer.save if reader == "save" else lambda: trainer.train_step(data)
-    with pytest.raises(RuntimeError, match="non-finite loss at step 2 .*skip_non_finite=false") as error:
-        read()
-    return trainer.step, sorted(os.listdir(trainer.ckpt_dir)), "--resume" in str(error.value)
-
-
-@pytest.mark.parametrize("reader", ["save", "next step"])
-def test_without_skipping_a_non_finite_loss_stops_every_rank_before_saving(tmp_path, reader):
-    """train.skip_non_finite=false: the agreement is read a micro-batch later (no wait for the
-    device), by the next forward pass or a save; every rank stops, nothing after step 0 is saved."""
-    results = run_ranks(unskipped_nan_fn, 2, str(tmp_path), reader)
-    assert results[0] == results[1]
-    step, saved, names_resume = results[0]
-    assert step == 2 and [n for n in saved if n.startswith("step")] == ["step00000000"] and names_resume
-
-
 def signal_fn(rank, world, out_dir):
     cfg = tiny_cfg(world, "train.max_steps=6")
 

@@ -282,6 +282,8 @@ def main() -> None:
                        "master_weights": sum(seen.get("masters", {}).values()),
                        "momentum_model": momentum_bytes},
         "peak_memory_bytes": peak,
+        # CUDA-graph private pools drop out of the allocated count once recorded; reserved keeps them
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if gpu else None,
         "last_step_losses": losses,
         "host_step_s": host_step_s,
         "model_tflops_per_sample": flops / 1e12,

@@ -7,7 +7,7 @@
 #              torch.optim.AdamW, no ZeRO
 #   compiled:  optimised + train.compile=true (torch.compile per transformer layer)
 # RUNS="..." picks runs (default: optimised baseline compiled); diagnostics: overflow_checked,
-# zero1, contiguous, cudagraphs, cudagraphs_no_wait, zero1_cudagraphs, engine_loop (see below).
+# zero1, contiguous, cudagraphs, zero1_cudagraphs, engine_loop (see below).
 # Prints samples/s/GPU, MFU and peak memory of each and the ratios; writes JSON and a profile of
 # the optimised step to $BENCH_OUT. On an H100 all five runs, FusedAdam's JIT build included, took
 # 4.4 minutes (docs/benchmarks.md); the per-run time limits add up to 11 minutes at the most.
@@ -58,9 +58,6 @@ for name in ${RUNS:-optimised baseline compiled}; do
     # compiled layers replayed as CUDA graphs (torch.compile mode reduce-overhead)
     cudagraphs) run $name 150 --stage 2 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
                     train.compile=true train.compile_mode=reduce-overhead ;;
-    # and without the Trainer's wait for the loss agreement (train.skip_non_finite=false)
-    cudagraphs_no_wait) run $name 150 --stage 2 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
-                            train.compile=true train.compile_mode=reduce-overhead train.skip_non_finite=false ;;
     zero1_cudagraphs) run $name 150 --stage 1 "${fused[@]}" "${unchecked[@]}" --warmup 8 --steps 15 --split_steps 1 \
                           train.compile=true train.compile_mode=reduce-overhead ;;
     # the engine's calls without the Trainer's one wait per step (the agreement on the loss)
@@ -71,13 +68,13 @@ done
 
 python3 - "$out" <<'PY'
 import json, os, sys
-names = ("optimised", "compiled", "cudagraphs", "cudagraphs_no_wait", "zero1_cudagraphs", "engine_loop", "contiguous", "overflow_checked",
+names = ("optimised", "compiled", "cudagraphs", "zero1_cudagraphs", "engine_loop", "contiguous", "overflow_checked",
          "zero1", "baseline")
 runs = {n: json.load(open(f"{sys.argv[1]}/{n}.json"))[0] for n in names if os.path.exists(f"{sys.argv[1]}/{n}.json")}
 print()
 for name, r in runs.items():
     print(f"{name:>16}: {r['samples_per_s']:7.1f} samples/s/GPU  MFU {r.get('mfu', 0):6.1%}  "
-          f"peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB  step {r['step_s'] * 1e3:6.1f} ms  "
+          f"peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB (reserved {r['peak_reserved_bytes'] / 2**30:5.1f})  step {r['step_s'] * 1e3:6.1f} ms  "
           f"host step median/max {sorted(r['host_step_s'])[len(r['host_step_s']) // 2] * 1e3:.0f}/"
           f"{max(r['host_step_s']) * 1e3:.0f} ms  loss {r['last_step_losses']['loss']:.3f}  {r['optimizer']} on {r['device']}")
 if "baseline" in runs:

@@ -68,9 +68,10 @@ def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dic
         if zero.get(key) == "auto":
             # One rank reduces nothing: no communication to overlap (and overlap_comm makes ZeRO
             # wait for the device at the end of every backward pass), no partition for the
-            # contiguous buffer to feed (it costs a copy per gradient in a Python hook, ~60% of
-            # ZeRO-2's overhead over ZeRO-1 per step, docs/benchmarks.md). Several ranks: DeepSpeed's
-            # recommended setting (the contiguous path reduces each gradient to its owner only).
+            # contiguous buffer to feed (it costs a copy per gradient in a Python hook: half of
+            # ZeRO-2's extra step time over ZeRO-1 on one H100, docs/benchmarks.md). Several
+            # ranks: DeepSpeed's recommended setting (the contiguous path reduces each gradient to
+            # its owner only).
             zero[key] = world_size > 1
     global_batch = t.batch_size * world_size
     if global_batch > cfg.model.queue_size:

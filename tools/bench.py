@@ -318,7 +318,9 @@ def write_profile(path: str, gpu: bool, run) -> None:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if gpu else float("nan")
+    # kernels only: an operator's row repeats the time of the kernels it launched
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 if gpu else float("nan")
     with open(path, "w") as f:
         f.write(f"wall {wall:.4f} s for 2 steps (profiler on); device busy {busy:.4f} s\n\n")
         f.write(events.table(sort_by=sort, row_limit=40))

@@ -1,4 +1,5 @@
 """The architecture's FLOP count agrees with PyTorch's own count of the executed matmuls."""
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -8,8 +9,9 @@ from albef_ds.flops import train_flops_per_sample
 from helpers import tiny_batch, tiny_model_config
 
 
-def test_counted_flops_match_torch_flop_counter():
-    cfg = tiny_model_config(**{"model.queue_size": 64, "model.text.vocab_size": 4096})
+@pytest.mark.parametrize("mlm", [True, False])
+def test_counted_flops_match_torch_flop_counter(mlm):
+    cfg = tiny_model_config(**{"model.queue_size": 64, "model.text.vocab_size": 4096, "model.mlm": mlm})
     model = albef_ds.build_model(cfg)
     batch = 8
     images, ids, mask = tiny_batch(cfg, batch)
@@ -22,6 +24,6 @@ def test_counted_flops_match_torch_flop_counter():
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(images, ids, mask, alpha=0.4, masked_ids=masked, mlm_labels=labels)["loss"].backward()
     measured = counter.get_total_flops() / batch
-    masked_per_caption = (labels != -100).sum().item() / batch
+    masked_per_caption = (labels != -100).sum().item() / batch if mlm else 0
     counted = train_flops_per_sample(cfg, ids.shape[1], batch, masked_per_caption)
     assert abs(counted - measured) / measured < 0.05, (counted, measured)

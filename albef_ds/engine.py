@@ -186,6 +186,8 @@ class Trainer:
         self.log = None
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
+        self.saved_step = None        # the step of the last checkpoint this run saved or resumed
+        self.eval_data = None         # the evaluation set, read at the first evaluation
         if resume_tag is not None:
             self._resume(resume_tag)
 
@@ -215,6 +217,10 @@ class Trainer:
         return tag
 
     def save(self) -> str:
+        """Saves this step's checkpoint, once: a best evaluation on a save step or on the last
+        step asks again, with nothing changed since."""
+        if self.saved_step == self.step:
+            return checkpoint.tag_for(self.step)
         self._check_applied_norm()
         client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
                   "best": self.best,
@@ -225,6 +231,7 @@ class Trainer:
                       "data": self.stream.state_dict() if self.stream is not None else None}
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.momentum,
                               self.cfg.train.keep_last)
+        self.saved_step = self.step
         if dist.rank() == 0:
             print(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}", flush=True)
         return tag
@@ -233,6 +240,7 @@ class Trainer:
         client, rank_state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.momentum)
         self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
         self.best = client.get("best")
+        self.saved_step = self.step
         buffers = dict(self.model.named_buffers())
         for name, value in client["queues"].items():
             buffers[name].copy_(value)
@@ -250,22 +258,25 @@ class Trainer:
     def evaluate(self) -> dict:
         """Retrieval evaluation (albef_ds.evaluate) on eval.data, or on the held-out split of the
         generated corpus; a collective: every rank calls it and gets the same metrics."""
-        from .evaluate import eval_model, evaluate_retrieval, read_retrieval_set
+        from .evaluate import eval_model, evaluate_retrieval, images_of_this_rank, read_retrieval_set
         from .tokenizer import build_tokenizer
 
         e = self.cfg.eval
-        if e.data:
-            source = e.data[0] if len(e.data) == 1 else e.data
-        elif self.cfg.data.synthetic is not None:
-            from .data import write_synthetic_corpus
+        if self.eval_data is None:
+            if e.data:
+                source = e.data[0] if len(e.data) == 1 else e.data
+            elif self.cfg.data.synthetic is not None:
+                from .data import write_synthetic_corpus
 
-            source = write_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
-                                            self.cfg.data.synthetic)["heldout"]
-        else:
-            raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
-        data = read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words)
+                source = write_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
+                                                self.cfg.data.synthetic)["heldout"]
+            else:
+                raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
+            # kept for later evaluations: the captions, and the encoded images this rank encodes
+            self.eval_data = read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words,
+                                                images_of_this_rank(e.batch_size))
         self.tokenizer = self.tokenizer or build_tokenizer(self.cfg.model.text.tokenizer)
-        return evaluate_retrieval(eval_model(self.engine), data, self.tokenizer, self.cfg.model.vision.img_size,
+        return evaluate_retrieval(eval_model(self.engine), self.eval_data, self.tokenizer, self.cfg.model.vision.img_size,
                                   self.cfg.data.max_tokens, k_test=e.k_test, batch_size=e.batch_size)
 
     def _evaluate_and_keep_best(self) -> None:
@@ -275,9 +286,9 @@ class Trainer:
             raise ConfigError(f"eval.select_metric '{name}' is not a reported metric ({', '.join(sorted(metrics))})")
         self.log.log_eval(self.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if self.best is None or metrics[name] > self.best[0]:
-            tag = self.save()
-            self.best = (metrics[name], tag)
-            checkpoint.mark_best(self.ckpt_dir, tag, name, metrics[name])
+            # set first: the checkpoint being saved records itself as the best
+            self.best = (metrics[name], checkpoint.tag_for(self.step))
+            checkpoint.mark_best(self.ckpt_dir, self.save(), name, metrics[name])
 
     # ---- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

@@ -235,6 +235,12 @@ def _split(split_ranks: Optional[bool]) -> tuple[int, int]:
     return (dist.rank(), dist.world_size()) if split_ranks else (0, 1)
 
 
+def images_of_this_rank(batch_size: int) -> Callable[[int], bool]:
+    """`keep` for read_retrieval_set: whether this rank encodes image i (see _my_batches)."""
+    rank, world = _split(None)
+    return lambda i: (i // batch_size) % world == rank
+
+
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(p for p in model.parameters() if p.is_floating_point())
     return p.device, p.dtype
@@ -599,9 +605,7 @@ def main(argv=None) -> int:
     from albef_ds.config import load_config
     from albef_ds.tokenizer import build_tokenizer
 
-    launched = any(v in os.environ for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
-    if launched:
-        dist.init_distributed()
+    dist.init_distributed()        # any launcher, or a process group of one
     device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
     model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, momentum=False)
     max_tokens, max_words = 30, 30                 # ALBEF's evaluation text length
@@ -609,13 +613,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
     max_tokens = min(max_tokens, model.cfg.text.max_position)
-    rank, world = _split(None)
-    keep = lambda i: (i // args.batch_size) % world == rank       # noqa: E731  images this rank encodes
-    data = read_retrieval_set(args.data, args.image_root, max_words, keep)
+    data = read_retrieval_set(args.data, args.image_root, max_words, images_of_this_rank(args.batch_size))
     out = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
                              max_tokens, args.k_test, args.batch_size, args.add_sim)
     out.update(checkpoint=args.checkpoint, data=args.data, add_sim=args.add_sim)
-    if rank == 0:
+    if dist.rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, RESULT_FILE), "w") as f:
             json.dump(out, f, indent=1)

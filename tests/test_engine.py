@@ -204,6 +204,20 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resumes(tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
 
 
+def save_twice_fn(rank, world, out_dir):
+    cfg = tiny_cfg(world)
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    trainer.train_step(iter(trainer.batches))
+    tag = trainer.save()
+    written = os.stat(os.path.join(trainer.ckpt_dir, tag, "albef_rank0.pt")).st_mtime_ns
+    again = trainer.save()      # as a best evaluation on a save step asks
+    return tag, again, os.stat(os.path.join(trainer.ckpt_dir, tag, "albef_rank0.pt")).st_mtime_ns == written
+
+
+def test_a_step_is_saved_once_however_often_asked(tmp_path):
+    assert run_ranks(save_twice_fn, 1, str(tmp_path)) == [("step00000001", "step00000001", True)]
+
+
 def finetune_fn(rank, world, out_dir):
     cfg = load_config("tiny", [
         "task=retrieval", "model.mlm=false", "model.queue_size=64", "train.batch_size=16",

@@ -31,6 +31,11 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def rank_file(folder: str, rank: int) -> str:
+    """A tag folder's per-rank state file of `rank`."""
+    return os.path.join(folder, f"albef_rank{rank}.pt")
+
+
 def _atomic_torch_save(obj, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -64,7 +69,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict,
     rank = distributed.rank()
     if momentum.partitioned() or rank == 0:
         rank_state = {**rank_state, "momentum": momentum.local_state()}
-    _atomic_torch_save(rank_state, os.path.join(ckpt_dir, tag, f"albef_rank{rank}.pt"))
+    _atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
     _barrier()
     if rank == 0:
         tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
@@ -117,15 +122,15 @@ def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no checkpoint '{tag}' in {ckpt_dir}")
     rank = distributed.rank()
-    rank_file = os.path.join(folder, f"albef_rank{rank}.pt")
-    if not os.path.isfile(rank_file):
-        raise FileNotFoundError(f"{rank_file} is missing: was checkpoint '{tag}' written by "
+    own_file = rank_file(folder, rank)
+    if not os.path.isfile(own_file):
+        raise FileNotFoundError(f"{own_file} is missing: was checkpoint '{tag}' written by "
                                 f"{distributed.world_size()} ranks?")
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {ckpt_dir}")
-    rank_state = torch.load(rank_file, weights_only=False)
-    momentum_file = rank_file if momentum.partitioned() else os.path.join(folder, "albef_rank0.pt")
+    rank_state = torch.load(own_file, weights_only=False)
+    momentum_file = own_file if momentum.partitioned() else rank_file(folder, 0)
     values = rank_state["momentum"] if "momentum" in rank_state else torch.load(
         momentum_file, weights_only=False)["momentum"]
     momentum.load_local_state(values)

@@ -457,13 +457,13 @@ def _read_training(path: str, tag: Optional[str]):
 
     present = os.listdir(folder)
     optim = {int(m.group(1)): os.path.join(folder, n) for n in present if (m := OPTIM_FILE.match(n))}
-    needed = [os.path.join(folder, "albef_rank0.pt")]
+    needed = [checkpoint.rank_file(folder, 0)]
     if stage >= 1:
         needed += [optim.get(r, os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
                    for r in range(world)]
     if stage == 3:
         needed += [os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world)]
-        needed += [os.path.join(folder, f"albef_rank{r}.pt") for r in range(1, world)]
+        needed += [checkpoint.rank_file(folder, r) for r in range(1, world)]
     missing = [p for p in needed if not os.path.isfile(p)]
     if missing:
         raise ConversionError(f"{source} is incomplete (written by {world} ranks, ZeRO stage {stage}): "
@@ -471,14 +471,12 @@ def _read_training(path: str, tag: Optional[str]):
     for p in needed:
         _check_readable(p)
 
-    queues = states.get("queues")
+    queues = states.get("queues") or {}
     if stage == 0:
         online = dict(states["module"])       # no ZeRO: DeepSpeed saved the module as trained
     else:
         online = _deepspeed_fp32_weights(ckpt_dir, tag, source)
     del states
-    if not queues:
-        queues = {k: online[k] for k in layout.buffers if k in online}
     momentum = _merge_momentum(folder, world, stage == 3, layout)
 
     state = {}
@@ -518,7 +516,7 @@ def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) 
     ranks = range(world) if partitioned else range(1)
     values = []
     for r in ranks:
-        path = os.path.join(folder, f"albef_rank{r}.pt")
+        path = checkpoint.rank_file(folder, r)
         rank_state = _torch_load(path, trusted=True)
         tensors = rank_state.get("momentum") if isinstance(rank_state, dict) else None
         if tensors is None:
@@ -533,14 +531,14 @@ def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) 
         if not partitioned:
             value = values[0][i]
             if value.numel() != numel:
-                raise ConversionError(f"{folder}/albef_rank0.pt: momentum tensor {i} ({name}) has "
+                raise ConversionError(f"{checkpoint.rank_file(folder, 0)}: momentum tensor {i} ({name}) has "
                                       f"{value.numel()} elements, the model {numel}")
             merged[name] = value.float().reshape(shape)
             continue
         part = math.ceil(numel / world)
         for r in ranks:
             if values[r][i].numel() != part:
-                raise ConversionError(f"{folder}/albef_rank{r}.pt: momentum partition of {name} has "
+                raise ConversionError(f"{checkpoint.rank_file(folder, r)}: momentum partition of {name} has "
                                       f"{values[r][i].numel()} elements, expected {part} ({numel} over "
                                       f"{world} ranks)")
         merged[name] = torch.cat([v[i].reshape(-1) for v in values]).float()[:numel].reshape(shape)
@@ -552,12 +550,22 @@ def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+
+
+def _check_released_name(path: str) -> None:
+    if os.fspath(path).endswith(".safetensors"):
+        raise ConversionError(f"'{path}': the released ALBEF layout is a torch file (ALBEF reads it with "
+                              "torch.load); name the output .pt or .pth")
+
+
 def prepare(state: dict, layout: Layout, momentum: bool = True, dtype: str = "fp32") -> dict:
     """Drops the momentum model and queues (momentum=False), then casts. bf16 casts the online
     floating weights only: the momentum weights and the feature queues stay fp32, the precision
     the trainer keeps them in (a 0.005-sized EMA step rounds away in bf16)."""
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     if not momentum:
         state = {k: v for k, v in state.items() if not (layout.is_momentum(k) or k in layout.buffers)}
     target = DTYPES[dtype]
@@ -605,9 +613,7 @@ def save_albef_ds(path: str, state: dict, config: Config, layout: Layout) -> Non
 def save_released(path: str, state: dict, config: Config, layout: Layout) -> None:
     """The released ALBEF layout, {"model": state_dict}; our config rides along under
     "albef_ds_config" (ALBEF's loaders read only "model")."""
-    if path.endswith(".safetensors"):
-        raise ConversionError(f"'{path}': the released ALBEF layout is a torch file (ALBEF reads it with "
-                              "torch.load); name the output .pt or .pth")
+    _check_released_name(path)
     obj = {"model": to_released(state, layout), CONFIG_ENTRY: _stored_config(config).to_dict()}
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -619,10 +625,9 @@ def convert(input: str, output: str, to: str = FORMAT, tag: Optional[str] = None
     all. Returns the Checkpoint that was written (its state dict before dropping and casting)."""
     if to not in (FORMAT, RELEASED):
         raise ConversionError(f"--to '{to}': choose {FORMAT} or {RELEASED}")
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    if to == RELEASED and os.fspath(output).endswith(".safetensors"):
-        raise ConversionError(f"'{output}': the released ALBEF layout is a torch file; name the output .pt or .pth")
+    _check_dtype(dtype)             # the output's checks first: reading a checkpoint takes long
+    if to == RELEASED:
+        _check_released_name(output)
     ckpt = read_checkpoint(input, tag=tag, config=config)
     layout = model_layout(ckpt.config.model)
     state = prepare(ckpt.state_dict, layout, momentum=momentum, dtype=dtype)

@@ -42,11 +42,6 @@ def _atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _barrier() -> None:
-    if distributed.is_distributed():
-        dist.barrier()
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -70,14 +65,14 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict,
     if momentum.partitioned() or rank == 0:
         rank_state = {**rank_state, "momentum": momentum.local_state()}
     _atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
         with open(tmp, "w") as f:
             f.write(tag)
         os.replace(tmp, os.path.join(ckpt_dir, LATEST))
         _prune(ckpt_dir, keep_last, keep=tag)
-    _barrier()
+    distributed.barrier()
     return tag
 
 
@@ -97,7 +92,7 @@ def mark_best(ckpt_dir: str, tag: str, metric: str, value: float) -> None:
         with open(tmp, "w") as f:
             json.dump({"tag": tag, "metric": metric, "value": value}, f)
         os.replace(tmp, os.path.join(ckpt_dir, BEST))
-    _barrier()
+    distributed.barrier()
 
 
 def best_tag(ckpt_dir: str):

@@ -18,6 +18,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def barrier() -> None:
+    """Waits for every rank (nothing to wait for in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

@@ -109,15 +109,10 @@ def prepare_corpora(cfg: Config, output_dir: str) -> Config:
     """With no corpora configured, the generated shapes corpus (written once, by rank 0)."""
     if cfg.data.corpora or cfg.data.synthetic is None:
         return cfg
-    from .data import write_synthetic_corpus
+    from .data import shared_synthetic_corpus
 
-    folder = os.path.join(output_dir, "synthetic_data")
-    if dist.rank() == 0:
-        write_synthetic_corpus(folder, cfg.data.synthetic)
-    if dist.is_distributed():
-        torch.distributed.barrier()
     cfg = copy.deepcopy(cfg)
-    cfg.data.corpora = write_synthetic_corpus(folder, cfg.data.synthetic)["train"]
+    cfg.data.corpora = shared_synthetic_corpus(os.path.join(output_dir, "synthetic_data"), cfg.data.synthetic)["train"]
     return cfg
 
 
@@ -266,10 +261,10 @@ class Trainer:
             if e.data:
                 source = e.data[0] if len(e.data) == 1 else e.data
             elif self.cfg.data.synthetic is not None:
-                from .data import write_synthetic_corpus
+                from .data import shared_synthetic_corpus
 
-                source = write_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
-                                                self.cfg.data.synthetic)["heldout"]
+                source = shared_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
+                                                 self.cfg.data.synthetic)["heldout"]
             else:
                 raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
             # kept for later evaluations: the captions, and the encoded images this rank encodes
@@ -465,8 +460,7 @@ class Trainer:
         group. Left to interpreter exit, a ZeRO-3 rank sometimes aborted there ("terminate
         called without an active exception", 1 run in 8 of tools/bench.py)."""
         self._restore_signal_handlers()
-        if dist.is_distributed():
-            torch.distributed.barrier()
+        dist.barrier()
         self.engine.destroy()
         if dist.is_distributed():
             torch.distributed.destroy_process_group()

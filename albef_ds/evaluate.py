@@ -538,18 +538,16 @@ def evaluate_heldout(model, cfg, output_dir: str, k_test: int = 32, batch_size: 
     engine (ZeRO-3 too: its weights are gathered into a plain copy, on every rank). The corpus
     is read from (or, if missing, written to) `<output_dir>/synthetic_data`, where the trainer
     writes it."""
-    from albef_ds.data import write_synthetic_corpus
+    from albef_ds.data import shared_synthetic_corpus, write_synthetic_corpus
     from albef_ds.tokenizer import build_tokenizer
 
     if cfg.data.synthetic is None:
         raise ValueError("evaluate_heldout needs data.synthetic (the shapes corpus)")
     rank, world = _split(split_ranks)
     folder = os.path.join(output_dir, "synthetic_data")
-    if rank == 0:
-        write_synthetic_corpus(folder, cfg.data.synthetic)
-    if world > 1:
-        torch.distributed.barrier()
-    corpora = write_synthetic_corpus(folder, cfg.data.synthetic)["heldout"]
+    # written by rank 0 of the split, or by this process when it works alone
+    corpus = shared_synthetic_corpus if world > 1 else write_synthetic_corpus
+    corpora = corpus(folder, cfg.data.synthetic)["heldout"]
     model = eval_model(model)
     data = read_shard_set(corpora, cfg.data.max_words)
     tokenizer = build_tokenizer(cfg.model.text.tokenizer)

@@ -144,6 +144,17 @@ def _write_split(out_dir: str, cfg: SyntheticConfig, split: str, samples: int) -
              "samples": samples, "weight": None}], sizes
 
 
+def shared_synthetic_corpus(out_dir: str, synthetic_cfg: SyntheticConfig) -> dict:
+    """write_synthetic_corpus for a process group: rank 0 writes, then every rank reads the
+    manifest (call it on every rank)."""
+    from albef_ds import distributed
+
+    if distributed.rank() == 0:
+        write_synthetic_corpus(out_dir, synthetic_cfg)
+    distributed.barrier()
+    return write_synthetic_corpus(out_dir, synthetic_cfg)
+
+
 def write_synthetic_corpus(out_dir: str, synthetic_cfg: SyntheticConfig) -> dict:
     """Writes the shapes corpus to `out_dir` unless the same configuration is already there.
 

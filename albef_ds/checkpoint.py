@@ -19,7 +19,6 @@ import shutil
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import distributed
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
 
 import torch
 import torch.distributed as dist

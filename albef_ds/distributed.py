@@ -92,6 +92,12 @@ def init_distributed() -> None:
                                auto_mpi_discovery=False)
 
 
+def shutdown() -> None:
+    """Ends the process group init_distributed() started, after every user of it has closed."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

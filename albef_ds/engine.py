@@ -234,6 +234,7 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         client, rank_state = checkpoint.load(self.engine, self.ckpt_dir, tag, self.momentum)
         self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
+        # the best as of the resumed step (best.json may name a later tag of an abandoned branch)
         self.best = client.get("best")
         self.saved_step = self.step
         buffers = dict(self.model.named_buffers())
@@ -456,14 +457,13 @@ class Trainer:
 
     def close(self) -> None:
         """Tears down in order, every rank together: the signal handlers installed at start-up
-        (also for a Trainer never trained), DeepSpeed's hooks and buffers, then the process
-        group. Left to interpreter exit, a ZeRO-3 rank sometimes aborted there ("terminate
-        called without an active exception", 1 run in 8 of tools/bench.py)."""
+        (also for a Trainer never trained), then DeepSpeed's hooks and buffers. Left to
+        interpreter exit, a rank sometimes aborted there ("terminate called without an active
+        exception", 1 run in 8 of tools/bench.py). The process group outlives the Trainer: its
+        owner ends it (`dist.shutdown()`), so one group can serve several Trainers."""
         self._restore_signal_handlers()
         dist.barrier()
         self.engine.destroy()
-        if dist.is_distributed():
-            torch.distributed.destroy_process_group()
 
     def _log(self, sums: dict, lr: float, elapsed: float, waited: float) -> None:
         global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()

@@ -69,6 +69,7 @@ def main(argv=None, task: str = "pretrain") -> int:
 
         evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
     trainer.close()
+    dist.shutdown()
     return code
 
 

@@ -59,8 +59,7 @@ def _rank_entry(rank, world, port, fn, args, out_dir):
             f.write(traceback.format_exc())
         raise
     finally:
-        if dist.is_initialized():         # a Trainer.close() in fn has already torn it down
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world, *args):

@@ -76,6 +76,7 @@ def train_fn(rank, world, out_dir):
             weights = {k: p.detach().clone() for k, p in params.items()}
         results[stage] = {"outputs": outputs(model, *probe()), "weights": weights,
                           "buffers": {k: v.detach().clone() for k, v in model.named_buffers()}}
+        trainer.close()
 
     with open(os.path.join(ROOT, "ds_configs", "zero3.json")) as f:
         ds = json.load(f)
@@ -88,6 +89,7 @@ def train_fn(rank, world, out_dir):
     dist.all_gather_object(parts, trainer.momentum.local_state())
     results["bf16"] = {"masters": masters, "ema_parts": parts,
                        "module_dtype": trainer.model.visual_encoder_m.pos_embed.dtype}
+    trainer.close()
     return results if rank == 0 else None
 
 

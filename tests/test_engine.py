@@ -47,7 +47,9 @@ def trajectory_fn(rank, world, stage, steps, out_dir):
     cfg = tiny_cfg(world)
     trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
     data = iter(trainer.batches)
-    return [mean_over_ranks(trainer.train_step(data)[0]["loss"]) for _ in range(steps)]
+    losses = [mean_over_ranks(trainer.train_step(data)[0]["loss"]) for _ in range(steps)]
+    trainer.close()
+    return losses
 
 
 def test_zero_stages_on_two_ranks_follow_one_process(tmp_path):
@@ -82,8 +84,10 @@ def momentum_fn(rank, world, steps, out_dir):
     got = gathered(momentum)
     worst = max((g - r).abs().max().item() for g, r in zip(got, reference))
     total = sum(r.numel() for r in reference)
-    return {"worst": worst, "local": trainer.momentum.local_elements(), "total": total,
-            "moved": max((g - o).abs().max().item() for g, o in zip(got, gathered(online)))}
+    result = {"worst": worst, "local": trainer.momentum.local_elements(), "total": total,
+              "moved": max((g - o).abs().max().item() for g, o in zip(got, gathered(online)))}
+    trainer.close()
+    return result
 
 
 def test_momentum_model_is_sharded_under_zero3_and_equals_fp32_ema(tmp_path):
@@ -98,11 +102,14 @@ def resume_fn(rank, world, stage, corpus, out_dir):
     extra = [f"data.corpora={json.dumps(corpus)}", "data.workers=1", "train.save_every=3"]
     full = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/full")
     assert full.train() == 0
+    full.close()
     first = Trainer(tiny_cfg(world, "train.max_steps=3", *extra), ds_config(stage), f"{out_dir}/split")
     assert first.train() == 0
+    first.close()
     second = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/split", resume="")
     assert second.step == 3
     assert second.train() == 0
+    second.close()
 
     def losses(folder):
         with open(f"{folder}/metrics.jsonl") as f:
@@ -170,6 +177,8 @@ def nan_fn(rank, world, out_dir, poison):
         losses = [trainer.train_step(data)[0]["loss"].item() for _ in range(4)]
     except RuntimeError as exc:
         return {"error": str(exc), "skipped": trainer.bad_total}
+    finally:
+        trainer.close()
     return {"losses": losses, "skipped": trainer.bad_total, "step": trainer.step, "drawn": trainer.micro_seen}
 
 
@@ -190,10 +199,14 @@ def signal_fn(rank, world, out_dir):
                 os.kill(os.getpid(), signal.SIGUSR1)       # as Slurm does before the time limit
             yield batch
 
-    code = Trainer(cfg, ds_config(2), out_dir, batches=batches()).train()
+    stopped = Trainer(cfg, ds_config(2), out_dir, batches=batches())
+    code = stopped.train()
+    stopped.close()
     resumed = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world), resume="")
     start = resumed.step
-    return code, start, resumed.train(), sorted(os.listdir(f"{out_dir}/checkpoints"))
+    final = resumed.train()
+    resumed.close()
+    return code, start, final, sorted(os.listdir(f"{out_dir}/checkpoints"))
 
 
 def test_sigusr1_saves_and_exits_for_requeue_then_resumes(tmp_path):
@@ -229,6 +242,7 @@ def finetune_fn(rank, world, out_dir):
         "train.lr=0.002", "eval.every_epochs=1", "eval.k_test=8"])
     trainer = Trainer(cfg, ds_config(2), out_dir)
     assert trainer.train() == 0
+    trainer.close()
     with open(f"{out_dir}/metrics.jsonl") as f:
         evals = [r for r in map(json.loads, f) if "eval/r_mean" in r]
     with open(f"{out_dir}/checkpoints/best.json") as f:
@@ -255,6 +269,7 @@ def accumulation_fn(rank, world, out_dir):
     data = iter(trainer.batches)
     for _ in range(3):
         trainer.train_step(data)
+    trainer.close()
     return {"ema_updates": len(updates), "queue_ptr": int(trainer.model.queue_ptr),
             "micro": trainer.micro_seen, "optimizer_steps": trainer.engine.global_steps}
 
@@ -272,6 +287,7 @@ def compile_fn(rank, world, compile_layers, out_dir):
     trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
     data = iter(trainer.batches)
     losses = [trainer.train_step(data)[0]["loss"].item() for _ in range(3)]
+    trainer.close()
     return losses, torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
@@ -302,6 +318,7 @@ def nan_gradient_fn(rank, world, out_dir):
         with pytest.raises(RuntimeError, match="non-finite gradient norm .* at step 2 with a finite loss") as error:
             attempt()
         messages.append(str(error.value))
+    trainer.close()
     return messages, trainer.step, os.listdir(trainer.ckpt_dir)
 
 
@@ -326,7 +343,7 @@ def temperature_fn(rank, world, stage, out_dir):
             fragment.fill_(5.0 if rank == 0 else 0.0)                   # rank 1 holds padding
     trainer.train_step(iter(trainer.batches))
     result = float(safe_get_full_fp32_param(temp)), trainer.temperature()
-    trainer.close()         # as train.py ends: DeepSpeed torn down before the process group
+    trainer.close()
     return result
 
 

@@ -28,6 +28,7 @@ def _pretrain_and_evaluate(rank, world, out_dir, overrides):
     out = evaluate_heldout(trainer.engine, trainer.cfg, out_dir)      # as the demo calls it
     out.update(exit_code=code, steps=trainer.step, train_s=trained - started,
                eval_s=time.perf_counter() - trained, cpu_s=time.process_time() - cpu)
+    trainer.close()
     return out
 
 

@@ -247,8 +247,6 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def _load_images(data: RetrievalSet, indices, img_size: int, failed: list) -> torch.Tensor:
-    from PIL import Image
-
     from albef_ds.data.pipeline import decode_image
     from albef_ds.data.transforms import EvalTransform
 
@@ -258,8 +256,7 @@ def _load_images(data: RetrievalSet, indices, img_size: int, failed: list) -> to
         try:
             if source is None:
                 raise RuntimeError("image not kept by this rank")
-            image = decode_image(source) if isinstance(source, bytes) else Image.open(source).convert("RGB")
-            out.append(transform(image))
+            out.append(transform(decode_image(source)))
         except Exception as exc:          # PIL raises many types; every rank must reach the check
             failed.append(f"{data.names[i]}: {exc}")
             out.append(torch.zeros(3, img_size, img_size))

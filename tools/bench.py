@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from albef_ds import distributed as dist  # noqa: E402
 from albef_ds.config import load_config  # noqa: E402
+from albef_ds.data.synthetic import random_batch  # noqa: E402
 from albef_ds.flops import train_flops_per_sample  # noqa: E402
 from albef_ds.momentum import local_data  # noqa: E402
 
@@ -126,14 +127,7 @@ def main() -> None:
     length = cfg.data.max_tokens
 
     def make_batch(g):
-        ids = torch.randint(10, cfg.model.text.vocab_size, (args.batch, length), generator=g)
-        ids[:, 0] = cfg.model.text.cls_token_id
-        mask = torch.ones_like(ids)
-        mask[:, length * 2 // 3:] = 0              # captions shorter than the padded length
-        ids[mask == 0] = cfg.model.text.pad_token_id
-        size = cfg.model.vision.img_size
-        batch = {"image": torch.randn(args.batch, 3, size, size, generator=g), "input_ids": ids,
-                 "attention_mask": mask}
+        batch = random_batch(cfg, args.batch, g)
         # pinned, as a DataLoader with pin_memory hands them over, so the copy to the GPU is async
         return {k: v.pin_memory() for k, v in batch.items()} if gpu else batch
 
@@ -148,12 +142,13 @@ def main() -> None:
 
     from albef_ds.engine import Trainer
 
-    torch_adamw = None
-    if args.baseline or args.torch_fused_adam:
-        def torch_adamw(groups):
-            return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=args.torch_fused_adam or None)
-    ds = set_entries(ds_config(args.stage, args.baseline, gpu, torch_adamw is not None), args.ds)
-    trainer = Trainer(cfg, ds, os.path.join(ROOT, "output", "bench"), batches=batches(), client_optimizer=torch_adamw)
+    def torch_adamw(groups):
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=args.torch_fused_adam or None)
+
+    client_optimizer = torch_adamw if args.baseline or args.torch_fused_adam else None
+    ds = set_entries(ds_config(args.stage, args.baseline, gpu, client_optimizer is not None), args.ds)
+    trainer = Trainer(cfg, ds, os.path.join(ROOT, "output", "bench"), batches=batches(),
+                      client_optimizer=client_optimizer)
     engine = trainer.engine
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -258,8 +253,9 @@ def main() -> None:
     comm_s = comm_time["s"] / max(1, args.split_steps)
     state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
     samples_per_s = args.batch * world * args.steps / elapsed
+    caption_tokens = fixed[0]["attention_mask"].sum(1).float().mean().item()
     flops = train_flops_per_sample(cfg.model, length, args.batch * world,
-                                   masked_tokens=cfg.model.mlm_probability * (length * 2 // 3 - 1))
+                                   masked_tokens=cfg.model.mlm_probability * (caption_tokens - 1))   # [CLS] never masked
     momentum_bytes = nbytes([local_data(pm) for _, pm in trainer.momentum.pairs]) + nbytes(
         [a for a in trainer.momentum.fp32 if a is not None])
     peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -301,6 +297,7 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
     trainer.close()
+    dist.shutdown()
 
 
 def write_profile(path: str, gpu: bool, run) -> None:

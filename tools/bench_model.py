@@ -15,6 +15,7 @@ import torch
 
 import albef_ds
 from albef_ds.config import load_config
+from albef_ds.data.synthetic import random_batch
 from albef_ds.momentum import MomentumEMA
 
 
@@ -40,13 +41,8 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02, fused=True)   # one kernel, no per-step temporaries
     ema = MomentumEMA(model, cfg.model.momentum)
-    size = cfg.model.vision.img_size
-    images = torch.randn(args.batch, 3, size, size)
-    ids = torch.randint(1000, cfg.model.text.vocab_size, (args.batch, cfg.data.max_tokens))
-    ids[:, 0] = cfg.model.text.cls_token_id
-    mask = torch.ones_like(ids)
-    mask[:, cfg.data.max_tokens // 2:] = 0
-    ids[mask == 0] = cfg.model.text.pad_token_id
+    batch = random_batch(cfg, args.batch, torch.Generator().manual_seed(0))
+    images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
 
     times = []
     for step in range(args.warmup + args.steps):

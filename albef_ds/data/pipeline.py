@@ -106,9 +106,10 @@ def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:
     yield from buffer
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(source: Union[bytes, str]) -> Image.Image:
+    """An RGB image from encoded bytes (a shard member) or a file path (an annotation's image)."""
     # convert() forces the full decode, so a truncated file fails here.
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
 
 
 def sample_captions(sample: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""A generated corpus of coloured shapes, for the demo and the tests.
+"""A generated corpus of coloured shapes, for the demo and the tests; random batches for benchmarks.
 
 Each image shows 1-3 shapes of one colour, one kind and one size, grouped at one position, on a
 plain dark background; its captions name all five attributes (count, size, colour, shape, position)
@@ -21,9 +21,10 @@ import os
 import random
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
-from albef_ds.config import SyntheticConfig
+from albef_ds.config import Config, SyntheticConfig
 from albef_ds.data.shards import brace_pattern, write_shard, write_sizes
 
 COLOURS = {"red": (220, 30, 30), "green": (40, 180, 50), "blue": (40, 90, 235),
@@ -182,3 +183,18 @@ def write_synthetic_corpus(out_dir: str, synthetic_cfg: SyntheticConfig) -> dict
     Path(tmp).write_text(json.dumps({**wanted, "out_dir": out_dir, **corpora}, indent=1))
     os.replace(tmp, manifest_path)
     return corpora
+
+
+def random_batch(cfg: Config, batch_size: int, generator: torch.Generator) -> dict:
+    """A batch shaped as the data pipeline delivers it (normalised images, token ids, mask), of
+    random values: for timing the step without a corpus. Captions fill two thirds of the padded
+    length, as real ones leave padding."""
+    length, text = cfg.data.max_tokens, cfg.model.text
+    ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=generator)
+    ids[:, 0] = text.cls_token_id
+    mask = torch.ones_like(ids)
+    mask[:, length * 2 // 3:] = 0
+    ids[mask == 0] = text.pad_token_id
+    size = cfg.model.vision.img_size
+    return {"image": torch.randn(batch_size, 3, size, size, generator=generator), "input_ids": ids,
+            "attention_mask": mask}

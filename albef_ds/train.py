@@ -40,6 +40,13 @@ def main(argv=None, task: str = "pretrain") -> int:
         print(f"{task} needs --config (for example albef_ds/configs/retrieval_coco.yaml)", file=sys.stderr)
         return 2
     dist.init_distributed()
+    try:
+        return _run(args, task, demo)
+    finally:
+        dist.shutdown()
+
+
+def _run(args, task: str, demo: bool) -> int:
     if dist.rank() == 0 and demo:
         print("ALBEF-DS built-in demo: tiny ALBEF on a generated corpus of coloured shapes "
               "(pass --config for real training)", flush=True)
@@ -69,7 +76,6 @@ def main(argv=None, task: str = "pretrain") -> int:
 
         evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
     trainer.close()
-    dist.shutdown()
     return code
 
 

@@ -190,7 +190,7 @@ def random_batch(cfg: Config, batch_size: int, generator: torch.Generator) -> di
     random values: for timing the step without a corpus. Captions fill two thirds of the padded
     length, as real ones leave padding."""
     length, text = cfg.data.max_tokens, cfg.model.text
-    ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=generator)
+    ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=generator)   # past tiny's special ids
     ids[:, 0] = text.cls_token_id
     mask = torch.ones_like(ids)
     mask[:, length * 2 // 3:] = 0

@@ -92,6 +92,15 @@ def resolve_ds_config(ds: Union[str, dict], cfg: Config, world_size: int) -> dic
     return ds
 
 
+def check_eval_config(cfg: Config) -> None:
+    """Before training: the metric that picks the best checkpoint is one the evaluation reports."""
+    from .evaluate import RETRIEVAL_METRICS
+
+    name = cfg.eval.select_metric
+    if cfg.eval.every_epochs and name not in RETRIEVAL_METRICS:
+        raise ConfigError(f"eval.select_metric '{name}' is not a reported metric ({', '.join(RETRIEVAL_METRICS)})")
+
+
 def key_id(key: str) -> int:
     """A non-negative int64 id for a sample key, the same in every process and run."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
@@ -131,6 +140,7 @@ class Trainer:
         self.cfg, self.output_dir = cfg, output_dir
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.ds_config = resolve_ds_config(ds_config, cfg, dist.world_size())
+        check_eval_config(cfg)
         if client_optimizer is not None:
             self.ds_config.pop("optimizer")
         self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
@@ -278,8 +288,6 @@ class Trainer:
     def _evaluate_and_keep_best(self) -> None:
         metrics = self.evaluate()
         name = self.cfg.eval.select_metric
-        if name not in metrics:
-            raise ConfigError(f"eval.select_metric '{name}' is not a reported metric ({', '.join(sorted(metrics))})")
         self.log.log_eval(self.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if self.best is None or metrics[name] > self.best[0]:
             # set first: the checkpoint being saved records itself as the best

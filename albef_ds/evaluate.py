@@ -33,6 +33,8 @@ from albef_ds import distributed as dist
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10",
                "img_r_mean", "r_mean")
+# what evaluate_retrieval reports: re-ranked recalls and the ITC-only ones
+RETRIEVAL_METRICS = RECALL_KEYS + tuple(f"itc_{k}" for k in RECALL_KEYS)
 NOT_RERANKED = -100.0                 # ALBEF's score of pairs outside the top k_test
 RESULT_FILE = "retrieval.json"
 HELDOUT_FILE = "heldout_eval.json"

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from albef_ds.config import ConfigError, load_config
-from albef_ds.engine import EXIT_REQUEUE, Trainer, resolve_ds_config
+from albef_ds.engine import EXIT_REQUEUE, Trainer, check_eval_config, resolve_ds_config
 from helpers import run_ranks, tiny_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +147,13 @@ def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
         resolve_ds_config({}, tiny_cfg(1, "train.batch_size=64"), 2)
     resolved = resolve_ds_config(ds_config(2), cfg, 2)
     assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
+
+
+def test_an_unknown_selection_metric_fails_before_training():
+    check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=itc_img_r1"))
+    check_eval_config(tiny_cfg(1, "eval.select_metric=r_meen"))          # never evaluated: unused
+    with pytest.raises(ConfigError, match="eval.select_metric 'r_meen' is not a reported metric"):
+        check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=r_meen"))
 
 
 def test_zero2_reduction_settings_follow_the_world_size():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from albef_ds import build_model
-from albef_ds.evaluate import (NOT_RERANKED, RECALL_KEYS, RetrievalSet, evaluate_retrieval,
+from albef_ds.evaluate import (NOT_RERANKED, RECALL_KEYS, RETRIEVAL_METRICS, RetrievalSet, evaluate_retrieval,
                                heldout_checks, main, read_retrieval_set, retrieval_metrics)
 from albef_ds.tokenizer import build_tokenizer
 from helpers import run_ranks, tiny_model_config
@@ -95,6 +95,7 @@ def test_rerank_scores_are_the_pairs_itm_logits():
     n_txt = len(data.texts)
     # k_test >= every count: each pair re-ranked, the same logit in both directions.
     out = evaluate_retrieval(model, data, tok, 64, 16, k_test=100, batch_size=4, return_scores=True)
+    assert set(RETRIEVAL_METRICS) <= set(out)            # what eval.select_metric may name
     score_i2t, score_t2i, sims = out["scores"]
     assert torch.equal(score_i2t, score_t2i.t())
     from albef_ds.tokenizer import tokenize

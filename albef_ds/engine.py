@@ -154,6 +154,9 @@ class Trainer:
             self.stream = self._build_stream()
             batches = self.stream
         self.batches = batches
+        # the evaluation set, read now when evaluations are due (a bad one stops the run before
+        # the model is built), else at the first call of evaluate()
+        self.eval_data = self._read_eval_data() if cfg.eval.every_epochs else None
         accum = cfg.train.grad_accum
         if steps_per_epoch is None:
             steps_per_epoch = self.stream.steps_per_epoch // accum if self.stream else 1
@@ -192,7 +195,6 @@ class Trainer:
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
         self.saved_step = None        # the step of the last checkpoint this run saved or resumed
-        self.eval_data = None         # the evaluation set, read at the first evaluation
         if resume_tag is not None:
             self._resume(resume_tag)
 
@@ -261,26 +263,35 @@ class Trainer:
         every = self.cfg.eval.every_epochs
         return every > 0 and self.step % (every * self.steps_per_epoch) == 0
 
+    def _read_eval_data(self):
+        """The evaluation set, kept for every evaluation: the captions, and the encoded images this
+        rank encodes. A missing or unreadable set is a ConfigError."""
+        from .evaluate import images_of_this_rank, read_retrieval_set
+
+        e = self.cfg.eval
+        if e.data:
+            source = e.data[0] if len(e.data) == 1 else e.data
+        elif self.cfg.data.synthetic is not None:
+            from .data import shared_synthetic_corpus
+
+            source = shared_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
+                                             self.cfg.data.synthetic)["heldout"]
+        else:
+            raise ConfigError("evaluation needs eval.data (there is no generated corpus to take the held-out split of)")
+        try:
+            return read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words,
+                                      images_of_this_rank(e.batch_size))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"eval.data {e.data or source}: {exc}") from None
+
     def evaluate(self) -> dict:
         """Retrieval evaluation (albef_ds.evaluate) on eval.data, or on the held-out split of the
         generated corpus; a collective: every rank calls it and gets the same metrics."""
-        from .evaluate import eval_model, evaluate_retrieval, images_of_this_rank, read_retrieval_set
+        from .evaluate import eval_model, evaluate_retrieval
         from .tokenizer import build_tokenizer
 
         e = self.cfg.eval
-        if self.eval_data is None:
-            if e.data:
-                source = e.data[0] if len(e.data) == 1 else e.data
-            elif self.cfg.data.synthetic is not None:
-                from .data import shared_synthetic_corpus
-
-                source = shared_synthetic_corpus(os.path.join(self.output_dir, "synthetic_data"),
-                                                 self.cfg.data.synthetic)["heldout"]
-            else:
-                raise ConfigError("eval.every_epochs is set but eval.data is empty (and no generated corpus)")
-            # kept for later evaluations: the captions, and the encoded images this rank encodes
-            self.eval_data = read_retrieval_set(source, e.image_root or None, self.cfg.data.max_words,
-                                                images_of_this_rank(e.batch_size))
+        self.eval_data = self.eval_data or self._read_eval_data()
         self.tokenizer = self.tokenizer or build_tokenizer(self.cfg.model.text.tokenizer)
         return evaluate_retrieval(eval_model(self.engine), self.eval_data, self.tokenizer, self.cfg.model.vision.img_size,
                                   self.cfg.data.max_tokens, k_test=e.k_test, batch_size=e.batch_size)

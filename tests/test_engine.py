@@ -156,6 +156,26 @@ def test_an_unknown_selection_metric_fails_before_training():
         check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=r_meen"))
 
 
+def bad_eval_data_fn(rank, world, out_dir):
+    with open(f"{out_dir}/broken.json", "w") as f:
+        f.write('[{"image": "a.jpg", "caption": ["a red circle"]')          # cut short
+    errors = []
+    for data in (f"{out_dir}/missing.json", f"{out_dir}/broken.json", f"{out_dir}/missing-{{0..1}}.tar"):
+        cfg = tiny_cfg(world, "eval.every_epochs=1", f"eval.data=['{data}']")
+        with pytest.raises(ConfigError) as error:
+            Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+        errors.append(str(error.value))
+    return errors
+
+
+def test_an_unreadable_evaluation_set_fails_before_training(tmp_path):
+    missing, broken, shards = run_ranks(bad_eval_data_fn, 1, str(tmp_path))[0]
+    assert "eval.data" in missing and "missing.json" in missing and "No such file" in missing
+    assert "broken.json" in broken and "line 1" in broken                       # the JSON error's place
+    assert "missing-{0..1}.tar' matches no file" in shards
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
 def test_zero2_reduction_settings_follow_the_world_size():
     """One rank has nothing to reduce: no overlap (a wait for the device per backward pass) and no
     contiguous buffer (a copy per gradient); several ranks: DeepSpeed's setting. Explicit values stay."""

@@ -141,6 +141,12 @@ class Trainer:
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.ds_config = resolve_ds_config(ds_config, cfg, dist.world_size())
         check_eval_config(cfg)
+        try:      # now, not at the first save thousands of steps in
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the checkpoint folder {self.ckpt_dir} (output_dir {output_dir}): {exc}") from None
+        if not os.access(self.ckpt_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"the checkpoint folder {self.ckpt_dir} (output_dir {output_dir}) is not writable")
         if client_optimizer is not None:
             self.ds_config.pop("optimizer")
         self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")

@@ -165,15 +165,20 @@ def bad_eval_data_fn(rank, world, out_dir):
         with pytest.raises(ConfigError) as error:
             Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
         errors.append(str(error.value))
+    cfg = tiny_cfg(world)
+    with pytest.raises(ConfigError) as error:          # an output_dir where a file is
+        Trainer(cfg, ds_config(2), f"{out_dir}/broken.json", batches=fixed_batches(cfg, rank, world))
+    errors.append(str(error.value))
     return errors
 
 
-def test_an_unreadable_evaluation_set_fails_before_training(tmp_path):
-    missing, broken, shards = run_ranks(bad_eval_data_fn, 1, str(tmp_path))[0]
+def test_unreadable_evaluation_data_or_an_unwritable_output_fails_before_training(tmp_path):
+    missing, broken, shards, output = run_ranks(bad_eval_data_fn, 1, str(tmp_path))[0]
     assert "eval.data" in missing and "missing.json" in missing and "No such file" in missing
     assert "broken.json" in broken and "line 1" in broken                       # the JSON error's place
     assert "missing-{0..1}.tar' matches no file" in shards
-    assert not os.path.exists(tmp_path / "checkpoints")
+    assert f"cannot create the checkpoint folder {tmp_path}/broken.json/checkpoints" in output
+    assert os.listdir(tmp_path / "checkpoints") == []                           # nothing trained or saved
 
 
 def test_zero2_reduction_settings_follow_the_world_size():

@@ -150,6 +150,19 @@ class EvalConfig:
 
 
 TASKS = ("pretrain", "retrieval")
+# The least value each number may take; a value below stops the run before anything is built
+# (zero intervals divide by zero thousands of steps in, a zero batch or accumulation trains nothing).
+MINIMUMS = {
+    "model.embed_dim": 1, "model.queue_size": 1,
+    "data.workers": 0, "data.epoch_samples": 0, "data.shuffle_buffer": 1, "data.max_words": 1,
+    "data.max_tokens": 2,                                  # [CLS] and one word
+    "train.batch_size": 1, "train.grad_accum": 1, "train.epochs": 0, "train.max_steps": 0,
+    "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
+    "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
+    "train.max_bad_steps": 1,
+    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0,
+}
+ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -272,6 +285,7 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
         values = _read_yaml(resolve_config_path(source or "tiny"))
     config = _build(Config, apply_overrides(values, overrides or []), "")
     validate_model_config(config.model)
+    _check_ranges(config)
     if config.task not in TASKS:
         raise ConfigError(f"task '{config.task}' is not one of {', '.join(TASKS)}")
     if config.train.compile_mode not in COMPILE_MODES:
@@ -279,6 +293,21 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
     if config.task == "retrieval" and config.model.mlm:
         raise ConfigError("task 'retrieval' fine-tunes without MLM: set model.mlm=false")
     return config
+
+
+def _check_ranges(config: Config) -> None:
+    def value(key: str):
+        section, name = key.split(".")
+        return getattr(getattr(config, section), name)
+
+    for key, least in MINIMUMS.items():
+        if value(key) < least:
+            raise ConfigError(f"{key} is {value(key)}: it must be at least {least}")
+    for key in ABOVE_ZERO:
+        if not value(key) > 0:
+            raise ConfigError(f"{key} is {value(key)}: it must be above 0")
+    if not config.train.epochs and not config.train.max_steps:
+        raise ConfigError("train.epochs and train.max_steps are both 0: nothing to train")
 
 
 def validate_model_config(m: ModelConfig) -> None:
@@ -291,5 +320,7 @@ def validate_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.text.fusion_start {t.fusion_start} must lie in (0, layers={t.layers})")
     if not 0.0 < m.mlm_probability < 1.0:
         raise ConfigError(f"model.mlm_probability {m.mlm_probability} must lie in (0, 1)")
+    if not 0.0 <= m.alpha <= 1.0:
+        raise ConfigError(f"model.alpha {m.alpha} must lie in [0, 1]")
     if not 0.0 <= m.momentum < 1.0:
         raise ConfigError(f"model.momentum {m.momentum} must lie in [0, 1)")

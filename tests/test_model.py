@@ -1,4 +1,6 @@
 """The ALBEF model in one process: API, gradients, queues, momentum, and that it learns."""
+import re
+
 import pytest
 import torch
 import yaml
@@ -25,6 +27,25 @@ def test_build_model_from_name_path_and_dict(tmp_path):
         load_config("tiny", ["model.vision.widht=3"])
     with pytest.raises(ConfigError, match="train.compile_mode 'fast' is not one of default, reduce-overhead"):
         load_config("tiny", ["train.compile_mode=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.save_every=0", "train.save_every is 0: it must be at least 1"),
+    ("train.grad_accum=0", "train.grad_accum is 0: it must be at least 1"),
+    ("train.batch_size=-2", "train.batch_size is -2: it must be at least 1"),
+    ("data.max_tokens=1", "data.max_tokens is 1: it must be at least 2"),
+    ("train.warmup_lr=-1e-5", "train.warmup_lr is -1e-05: it must be at least 0.0"),
+    ("train.lr=0", "train.lr is 0.0: it must be above 0"),
+    ("model.temp=-0.07", "model.temp is -0.07: it must be above 0"),
+    ("train.max_steps=0", "train.epochs and train.max_steps are both 0"),
+    ("model.alpha=1.5", "model.alpha 1.5 must lie in [0, 1]"),
+])
+def test_numbers_out_of_range_are_config_errors(override, message):
+    extra = ["train.epochs=0"] if override.startswith("train.max_steps") else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [override, *extra])
+    for name in ("tiny", "base", "pretrain_4m", "pretrain_14m", "retrieval_coco", "retrieval_flickr"):
+        load_config(name)                                 # the shipped configs pass
 
 
 def test_base_config_is_the_paper_model():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -33,6 +34,9 @@ def tag_for(step: int) -> str:
 def rank_file(folder: str, rank: int) -> str:
     """A tag folder's per-rank state file of `rank`."""
     return os.path.join(folder, f"albef_rank{rank}.pt")
+
+
+RANK_FILE = re.compile(r"albef_rank\d+\.pt")
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -115,11 +119,16 @@ def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
     folder = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no checkpoint '{tag}' in {ckpt_dir}")
-    rank = distributed.rank()
+    rank, world = distributed.rank(), distributed.world_size()
+    written = sum(1 for name in os.listdir(folder) if RANK_FILE.fullmatch(name))
+    if written != world:
+        # The data streams' positions, and under ZeRO-3 the momentum partitions, are per rank.
+        raise ValueError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
+                         f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
+                         f"and start a new run from it with model.init_checkpoint")
     own_file = rank_file(folder, rank)
     if not os.path.isfile(own_file):
-        raise FileNotFoundError(f"{own_file} is missing: was checkpoint '{tag}' written by "
-                                f"{distributed.world_size()} ranks?")
+        raise FileNotFoundError(f"{own_file} is missing: checkpoint '{tag}' is incomplete")
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {ckpt_dir}")

@@ -99,6 +99,22 @@ def trained(tmp_path_factory):
     return str(out), run_ranks(train_fn, 2, str(out))[0]
 
 
+def resume_elsewhere_fn(rank, world, folder):
+    from albef_ds.engine import Trainer
+
+    cfg = train_cfg(world)
+    with pytest.raises(ValueError) as error:
+        Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"), folder, batches=batches(cfg, rank, world), resume="")
+    return str(error.value)
+
+
+def test_resuming_on_another_number_of_ranks_is_refused_with_the_numbers(trained):
+    out, _ = trained
+    message = run_ranks(resume_elsewhere_fn, 1, f"{out}/zero2")[0]
+    assert f"checkpoint {out}/zero2/checkpoints/{TAG} was written by 2 ranks and this run has 1" in message
+    assert "tools/convert_checkpoint.py" in message
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_converted_model_gives_the_training_engines_outputs_and_weights(trained, tmp_path, stage):
     out, results = trained

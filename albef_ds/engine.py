@@ -134,8 +134,16 @@ class Trainer:
         `client_optimizer(param_groups)`: an optimizer of one's own instead of the ds config's
         (the benchmark's baseline uses torch.optim.AdamW)."""
         # Handlers first: a SIGUSR1 while starting up is acted on at the first step, not fatal.
+        # A start that fails gives them back (else SIGTERM would only set a flag nobody reads).
         self._signal = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            self._start(cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _start(self, cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer) -> None:
         dist.init_distributed()
         self.cfg, self.output_dir = cfg, output_dir
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")

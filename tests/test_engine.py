@@ -169,6 +169,7 @@ def bad_eval_data_fn(rank, world, out_dir):
     with pytest.raises(ConfigError) as error:          # an output_dir where a file is
         Trainer(cfg, ds_config(2), f"{out_dir}/broken.json", batches=fixed_batches(cfg, rank, world))
     errors.append(str(error.value))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # the failed starts gave their handlers back
     return errors
 
 

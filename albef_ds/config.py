@@ -125,7 +125,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 50
     save_every: int = 2000
-    keep_last: int = 3
+    keep_last: int = 3               # newest checkpoints kept (0: every one); the best is always kept
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
     # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
     # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.

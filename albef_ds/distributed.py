@@ -71,12 +71,13 @@ def _env_from_mpi() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def init_distributed() -> None:
+def init_distributed() -> bool:
     """Initialises torch.distributed from whichever launcher started us: the deepspeed launcher
     or torchrun (RANK/WORLD_SIZE), srun (SLURM_*), or mpirun (mpi4py). NCCL on GPU, gloo on CPU.
-    A plain `python train.py` runs as a single process of world size 1."""
+    A plain `python train.py` runs as a single process of world size 1. Returns whether this
+    call started the process group (whoever started it ends it: shutdown())."""
     if is_distributed():
-        return
+        return False
     _env_from_slurm()
     _env_from_mpi()
     os.environ.setdefault("RANK", "0")
@@ -90,6 +91,7 @@ def init_distributed() -> None:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
+    return True
 
 
 def shutdown() -> None:

@@ -144,7 +144,7 @@ class Trainer:
             raise
 
     def _start(self, cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer) -> None:
-        dist.init_distributed()
+        self.owns_process_group = dist.init_distributed()
         self.cfg, self.output_dir = cfg, output_dir
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.ds_config = resolve_ds_config(ds_config, cfg, dist.world_size())
@@ -490,13 +490,15 @@ class Trainer:
 
     def close(self) -> None:
         """Tears down in order, every rank together: the signal handlers installed at start-up
-        (also for a Trainer never trained), then DeepSpeed's hooks and buffers. Left to
-        interpreter exit, a rank sometimes aborted there ("terminate called without an active
-        exception", 1 run in 8 of tools/bench.py). The process group outlives the Trainer: its
-        owner ends it (`dist.shutdown()`), so one group can serve several Trainers."""
+        (also for a Trainer never trained), DeepSpeed's hooks and buffers, then the process group
+        if this Trainer started it (one started by the caller serves on, e.g. for another
+        Trainer). Left to interpreter exit, a rank sometimes aborted there ("terminate called
+        without an active exception", 1 run in 8 of tools/bench.py)."""
         self._restore_signal_handlers()
         dist.barrier()
         self.engine.destroy()
+        if self.owns_process_group:
+            dist.shutdown()
 
     def _log(self, sums: dict, lr: float, elapsed: float, waited: float) -> None:
         global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()

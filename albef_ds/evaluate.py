@@ -598,11 +598,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = dist.init_distributed()        # any launcher, or a process group of one
+    try:
+        return _evaluate_command(args)
+    finally:
+        if started:
+            dist.shutdown()
+
+
+def _evaluate_command(args) -> int:
     import albef_ds
     from albef_ds.config import load_config
     from albef_ds.tokenizer import build_tokenizer
 
-    dist.init_distributed()        # any launcher, or a process group of one
+    os.makedirs(args.output_dir, exist_ok=True)      # before the work: a bad folder fails now
     device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
     model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, momentum=False)
     max_tokens, max_words = 30, 30                 # ALBEF's evaluation text length
@@ -615,7 +624,6 @@ def main(argv=None) -> int:
                              max_tokens, args.k_test, args.batch_size, args.add_sim)
     out.update(checkpoint=args.checkpoint, data=args.data, add_sim=args.add_sim)
     if dist.rank() == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, RESULT_FILE), "w") as f:
             json.dump(out, f, indent=1)
         print(format_table(out, f"retrieval: {out['images']} images, {out['texts']} texts, k_test {args.k_test}"),

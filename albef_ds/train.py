@@ -39,11 +39,12 @@ def main(argv=None, task: str = "pretrain") -> int:
     if task != "pretrain" and demo:
         print(f"{task} needs --config (for example albef_ds/configs/retrieval_coco.yaml)", file=sys.stderr)
         return 2
-    dist.init_distributed()
+    started = dist.init_distributed()
     try:
         return _run(args, task, demo)
     finally:
-        dist.shutdown()
+        if started:
+            dist.shutdown()
 
 
 def _run(args, task: str, demo: bool) -> int:

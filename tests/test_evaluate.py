@@ -193,6 +193,18 @@ def _eval_on_ranks(rank, world, n_images, k_test, batch_size, folder):
         return out, checks, json.load(f)
 
 
+def _cli_into_a_file(rank, world, folder):
+    blocker = os.path.join(folder, "taken")
+    open(blocker, "w").close()
+    with pytest.raises(FileExistsError, match=blocker):      # before the checkpoint is even looked for
+        main(["retrieval", "--checkpoint", os.path.join(folder, "none.pt"), "--data",
+              os.path.join(folder, "none.json"), "--output_dir", blocker])
+
+
+def test_the_command_line_checks_its_output_folder_before_the_work(tmp_path):
+    run_ranks(_cli_into_a_file, 1, str(tmp_path))
+
+
 def test_two_ranks_equal_one_process(tmp_path):
     # 7 images (13 captions) in batches of 2: rank 0 encodes 4 images, rank 1 three.
     args = (7, 4, 2, str(tmp_path))

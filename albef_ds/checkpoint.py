@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .config import ConfigError
 
 LATEST = "latest"
 BEST = "best.json"
@@ -123,7 +124,7 @@ def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
     written = sum(1 for name in os.listdir(folder) if RANK_FILE.fullmatch(name))
     if written != world:
         # The data streams' positions, and under ZeRO-3 the momentum partitions, are per rank.
-        raise ValueError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
+        raise ConfigError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
                          f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
                          f"and start a new run from it with model.init_checkpoint")
     own_file = rank_file(folder, rank)

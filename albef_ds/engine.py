@@ -305,7 +305,8 @@ class Trainer:
         from .tokenizer import build_tokenizer
 
         e = self.cfg.eval
-        self.eval_data = self.eval_data or self._read_eval_data()
+        if self.eval_data is None:
+            self.eval_data = self._read_eval_data()
         self.tokenizer = self.tokenizer or build_tokenizer(self.cfg.model.text.tokenizer)
         return evaluate_retrieval(eval_model(self.engine), self.eval_data, self.tokenizer, self.cfg.model.vision.img_size,
                                   self.cfg.data.max_tokens, k_test=e.k_test, batch_size=e.batch_size)

@@ -115,19 +115,24 @@ def latest_tag(ckpt_dir: str):
         return f.read().strip()
 
 
-def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
-    """Loads a tag on every rank; returns (client_state, this rank's state)."""
+def check_resumable(ckpt_dir: str, tag: str) -> None:
+    """Before anything is built: the tag exists and was written by as many ranks as this run has."""
     folder = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no checkpoint '{tag}' in {ckpt_dir}")
-    rank, world = distributed.rank(), distributed.world_size()
+    world = distributed.world_size()
     written = sum(1 for name in os.listdir(folder) if RANK_FILE.fullmatch(name))
     if written != world:
         # The data streams' positions, and under ZeRO-3 the momentum partitions, are per rank.
         raise ConfigError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
-                         f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
-                         f"and start a new run from it with model.init_checkpoint")
-    own_file = rank_file(folder, rank)
+                          f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
+                          f"and start a new run from it with model.init_checkpoint")
+
+
+def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
+    """Loads a tag (checked by check_resumable) on every rank; returns (client_state, this rank's state)."""
+    folder = os.path.join(ckpt_dir, tag)
+    own_file = rank_file(folder, distributed.rank())
     if not os.path.isfile(own_file):
         raise FileNotFoundError(f"{own_file} is missing: checkpoint '{tag}' is incomplete")
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)

@@ -180,6 +180,8 @@ class Trainer:
         import deepspeed
 
         resume_tag = self._resume_tag(resume)
+        if resume_tag is not None:
+            checkpoint.check_resumable(self.ckpt_dir, resume_tag)
         if resume_tag is not None and cfg.model.init_checkpoint:
             # the checkpoint being resumed holds every weight: the init file is not read (or needed)
             cfg = copy.deepcopy(cfg)

@@ -9,8 +9,9 @@
 # RUNS="..." picks runs (default: optimised baseline compiled); diagnostics: overflow_checked,
 # zero1, contiguous, cudagraphs, zero1_cudagraphs, engine_loop (see below).
 # Prints samples/s/GPU, MFU and peak memory of each and the ratios; writes JSON and a profile of
-# the optimised step to $BENCH_OUT. On an H100 all five runs, FusedAdam's JIT build included, took
-# 4.4 minutes (docs/benchmarks.md); the per-run time limits add up to 11 minutes at the most.
+# the optimised step to $BENCH_OUT. The per-run time limits below add up to 5.5 minutes for the
+# default runs and 15.8 for all nine, plus up to 3 for FusedAdam's JIT build: choose RUNS to fit
+# one 10-minute device call.
 # Also read: PEAK_TFLOPS (default 989), CONFIG (default base), BATCH (default 64).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -7,5 +7,5 @@ from albef_ds.data.shards import make_shards, resolve_corpora
 from albef_ds.data.synthetic import shared_synthetic_corpus, write_synthetic_corpus
 from albef_ds.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, build_transform
 
-__all__ = ["PretrainStream", "SKIP_COUNTERS", "write_synthetic_corpus", "shared_synthetic_corpus", "make_shards", "resolve_corpora",
-           "build_transform", "TrainTransform", "EvalTransform", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["PretrainStream", "SKIP_COUNTERS", "write_synthetic_corpus", "shared_synthetic_corpus", "make_shards",
+           "resolve_corpora", "build_transform", "TrainTransform", "EvalTransform", "CLIP_MEAN", "CLIP_STD"]

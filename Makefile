@@ -5,7 +5,15 @@ STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-compiled ops live with the venv, so every launcher (srun, mpirun) finds them.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
+# torch 2.14.1 with its CUDA libraries takes about 6 GB; a full disk fails with a clear line, not
+# an OSError half-way through pip.
+NEED_GB := 7
+
 $(STAMP): setup.py
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(NEED_GB) ]; then \
+		echo "make: $(CURDIR) has $$free GB free; installing into $(VENV) needs $(NEED_GB) GB" >&2; exit 1; \
+	fi
 	python3 -m venv $(VENV)
 	# torch/torchvision pinned to the builds this project is tested with (2.14.1 / 0.29.1).
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -200,8 +200,13 @@ def read_retrieval_set(data: Union[str, list], image_root: Optional[str] = None,
 # b % world. Every batch then holds the same items on any number of ranks, so each feature is
 # computed exactly as one process computes it, and the gathered result is identical.
 
+def _owner(i: int, batch_size: int, world: int) -> int:
+    """The rank that encodes item i: batches of batch_size items are dealt round-robin."""
+    return (i // batch_size) % world
+
+
 def _my_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]:
-    return [range(s, min(s + batch_size, n)) for b, s in enumerate(range(0, n, batch_size)) if b % world == rank]
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if _owner(s, batch_size, world) == rank]
 
 
 def _local_row(i: int, batch_size: int, world: int) -> int:
@@ -238,9 +243,9 @@ def _split(split_ranks: Optional[bool]) -> tuple[int, int]:
 
 
 def images_of_this_rank(batch_size: int) -> Callable[[int], bool]:
-    """`keep` for read_retrieval_set: whether this rank encodes image i (see _my_batches)."""
+    """`keep` for read_retrieval_set: whether this rank encodes image i."""
     rank, world = _split(None)
-    return lambda i: (i // batch_size) % world == rank
+    return lambda i: _owner(i, batch_size, world) == rank
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:

@@ -37,7 +37,7 @@ def rank_file(folder: str, rank: int) -> str:
     return os.path.join(folder, f"albef_rank{rank}.pt")
 
 
-RANK_FILE = re.compile(r"albef_rank\d+\.pt")
+RANK_FILE = re.compile(r"albef_rank\d+\.pt")      # every name rank_file() gives
 
 
 def _atomic_torch_save(obj, path: str) -> None:

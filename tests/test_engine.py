@@ -149,11 +149,22 @@ def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
     assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
 
 
-def test_an_unknown_selection_metric_fails_before_training():
+def unknown_metric_fn(rank, world, out_dir):
+    cfg = tiny_cfg(world, "eval.every_epochs=1", "eval.select_metric=r_meen")
+    with pytest.raises(ConfigError) as error:
+        Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    return str(error.value)
+
+
+def test_an_unknown_selection_metric_fails_before_training(tmp_path):
     check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=itc_img_r1"))
     check_eval_config(tiny_cfg(1, "eval.select_metric=r_meen"))          # never evaluated: unused
     with pytest.raises(ConfigError, match="eval.select_metric 'r_meen' is not a reported metric"):
         check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=r_meen"))
+    # and the Trainer checks it when it starts
+    message = run_ranks(unknown_metric_fn, 1, str(tmp_path))[0]
+    assert message.startswith("eval.select_metric 'r_meen' is not a reported metric")
+    assert not (tmp_path / "checkpoints").exists()                      # stopped before any output
 
 
 def bad_eval_data_fn(rank, world, out_dir):

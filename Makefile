@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(STAMP)
 
 # The built-in demo: tiny ALBEF on a generated corpus, 2 CPU ranks under the deepspeed launcher.
@@ -30,3 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+
+# Unit tests only (no ranks, launchers, cluster or training runs): a few minutes.
+test-fast: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests

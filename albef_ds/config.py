@@ -69,7 +69,6 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
-    mlm: bool = True                 # false for retrieval fine-tuning: ITC + ITM only
     # A checkpoint to start from: our single-file format or a released ALBEF file.
     init_checkpoint: Optional[str] = None
 
@@ -85,6 +84,9 @@ class CorpusConfig:
     shards: list = field(default_factory=list)
     samples: int = 0
     weight: Optional[float] = None
+    # instead of shards: ALBEF annotation files read directly, images under image_root
+    annotations: list = field(default_factory=list)
+    image_root: str = ""
 
 
 @dataclass
@@ -138,18 +140,17 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation: after every `every_epochs` epochs of training (0: never) and by
-    albef_ds.evaluate. `data`: an eval JSON ([{"image", "caption": [...]}], with image_root) or
-    shard patterns; empty: the held-out split of the generated corpus when there is one."""
+    """The task's evaluation: after every `every_epochs` epochs of training (0: never) and by
+    albef_ds.evaluate. `data`: the task's evaluation file (ALBEF's JSON, with image_root) or shard
+    patterns; empty: the held-out split of the generated corpus when there is one."""
     data: list = field(default_factory=list)
     image_root: str = ""
-    k_test: int = 128
+    k_test: int = 128                # candidates re-ranked per query (retrieval, VQA answers)
     batch_size: int = 64
     every_epochs: int = 0
-    select_metric: str = "r_mean"    # the checkpoint kept as `best`
+    select_metric: str = ""          # the checkpoint kept as `best`; empty: the task's choice
 
 
-TASKS = ("pretrain", "retrieval")
 # The least value each number may take; a value below stops the run before anything is built
 # (zero intervals divide by zero thousands of steps in, a zero batch or accumulation trains nothing).
 MINIMUMS = {
@@ -168,19 +169,26 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class Config:
-    # pretrain: ITC + ITM + MLM; retrieval: fine-tuning with ITC + ITM, positives by image id
-    # (derived from the sample key), evaluation every epoch and the best checkpoint kept.
+    # The task (albef_ds/tasks/<task>.py): pretrain, retrieval, ... Its own options, if it takes
+    # any, are the config section named after it (`vqa: {answer_list: ...}`), held in `options`.
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    options: Any = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("options")
+        if self.options is not None:
+            out[self.task] = dataclasses.asdict(self.options)
+        return out
 
 
-def _build(cls, values: Any, where: str):
+def build_section(cls, values: Any, where: str):
+    """A config dataclass from a mapping: unknown keys and values of the wrong type are
+    ConfigErrors naming the key."""
     if dataclasses.is_dataclass(values):
         values = dataclasses.asdict(values)
     if not isinstance(values, dict):
@@ -200,13 +208,15 @@ def _convert(hint, value, path):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
+        return build_section(hint, value, path)
+    if hint is Any:
+        return value
     if origin is Union:
         if value is None and type(None) in args:
             return None
         for arg in args:
             if dataclasses.is_dataclass(arg):
-                return _build(arg, value, path)
+                return build_section(arg, value, path)
         if float in args and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         for arg in args:
@@ -224,7 +234,7 @@ def _convert(hint, value, path):
     if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint.__name__}")
     if path.endswith("corpora"):
-        return [_build(CorpusConfig, c, f"{path}[{i}]") for i, c in enumerate(value)]
+        return [build_section(CorpusConfig, c, f"{path}[{i}]") for i, c in enumerate(value)]
     return value
 
 
@@ -283,16 +293,26 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
         values = source
     else:
         values = _read_yaml(resolve_config_path(source or "tiny"))
-    config = _build(Config, apply_overrides(values, overrides or []), "")
+    from .tasks import task_class
+    from .tasks.base import build_options
+
+    values = apply_overrides(values, overrides or [])
+    task = task_class(values.get("task", Config.task))
+    section = values.pop(task.name, None)
+    if "options" in values:
+        raise ConfigError(f"unknown config key 'options': task options go in the section '{task.name}'")
+    config = build_section(Config, values, "")
+    config.options = build_options(task, section, task.name)
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """The checks a config passes before anything is built: numbers in range, a consistent model."""
     validate_model_config(config.model)
     _check_ranges(config)
-    if config.task not in TASKS:
-        raise ConfigError(f"task '{config.task}' is not one of {', '.join(TASKS)}")
     if config.train.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode '{config.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
-    if config.task == "retrieval" and config.model.mlm:
-        raise ConfigError("task 'retrieval' fine-tunes without MLM: set model.mlm=false")
-    return config
 
 
 def _check_ranges(config: Config) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -192,3 +193,52 @@ def fetch_rows(index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor
         return [t.index_select(0, index) for t in tensors]
     exchange = _RowExchange(index, tensors[0].shape[0])
     return [_FetchRows.apply(t, exchange) if t.requires_grad else exchange.forward(t) for t in tensors]
+
+
+# ---- work split of evaluations ------------------------------------------------------------
+# Items (images, texts) go in batches of batch_size in dataset order; batch b is encoded by rank
+# b % world. Every batch then holds the same items on any number of ranks, so each feature is
+# computed exactly as one process computes it, and the gathered result is identical.
+
+def owner_of(i: int, batch_size: int, world: int) -> int:
+    """The rank that encodes item i: batches of batch_size items are dealt round-robin."""
+    return (i // batch_size) % world
+
+
+def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[range]:
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if owner_of(s, batch_size, world) == rank]
+
+
+def local_row(i: int, batch_size: int, world: int) -> int:
+    """Where item i sits among its owner's rows (the owner's batches concatenated in order)."""
+    b = i // batch_size
+    return (b // world) * batch_size + i - b * batch_size
+
+
+def gather_rows(local: torch.Tensor, n: int, batch_size: int, world: int) -> torch.Tensor:
+    """[n, ...] of all items from each rank's rows of its own batches."""
+    if world == 1:
+        return local
+    batches = -(-n // batch_size)
+    most = -(-batches // world) * batch_size
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    gathered = all_gather_nograd(padded).view(world, most, *local.shape[1:])
+    parts = []
+    for b in range(batches):
+        start = (b // world) * batch_size
+        parts.append(gathered[b % world, start:start + min(batch_size, n - b * batch_size)])
+    return torch.cat(parts)
+
+
+def work_split(split_ranks: Optional[bool]) -> tuple[int, int]:
+    """(rank, world) of the work split: all ranks of the process group, or this process alone."""
+    if split_ranks is None:
+        split_ranks = is_distributed()
+    return (rank(), world_size()) if split_ranks else (0, 1)
+
+
+def sum_over_split(x: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """`x` summed over the ranks of a work split (the identity in a split of one); the collective
+    runs on `device`, where the backend wants it (CUDA for NCCL)."""
+    return all_reduce_sum(x.to(device)) if world > 1 else x

@@ -3,7 +3,7 @@ multiply-add; the backward pass of a trained matmul costs twice its forward).
 
 Used by the benchmark for samples/s -> MFU. Counts what the model computes: the online and the
 momentum encoders, the batched [masked | positive | negative | negative] fusion pass, the MLM head
-on the masked tokens only, and the ITC similarities against batch + queue. With model.mlm=false
+on the masked tokens only, and the ITC similarities against batch + queue. Without MLM
 (retrieval fine-tuning) there is no masked text: no masked rows, no MLM head, no momentum fusion.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _cross_attention(text_tokens: int, image_tokens: int, width: int) -> float:
 
 
 def train_flops_per_sample(cfg: ModelConfig, text_len: int, global_batch: int,
-                           masked_tokens: float) -> float:
+                           masked_tokens: float, mlm: bool = True) -> float:
     """FLOPs per sample of one training step (forward + backward + momentum forwards).
 
     text_len: padded text length; masked_tokens: predicted tokens per caption (~15% of its words);
@@ -41,7 +41,7 @@ def train_flops_per_sample(cfg: ModelConfig, text_len: int, global_batch: int,
     mlm_head = masked_tokens * (2 * t.hidden * t.hidden + 2 * t.hidden * t.vocab_size)
     itc = 2 * 2 * (global_batch + cfg.queue_size) * cfg.embed_dim        # i2t and t2i rows
 
-    mlm = int(cfg.mlm)
+    mlm = int(mlm)
     online = vit + (1 + mlm) * text + (3 + mlm) * fusion_row + 2 * image_kv + mlm * mlm_head + itc
     momentum = vit + (1 + mlm) * text + mlm * (fusion_row + image_kv + mlm_head) + itc
     return 3 * online + momentum

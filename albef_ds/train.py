@@ -1,26 +1,23 @@
-"""ALBEF pretraining under DeepSpeed.
+"""Training of any task under DeepSpeed: pretraining, or a downstream task (`task:` in the config).
 
     deepspeed albef_ds/train.py --deepspeed ds_configs/zero2.json [--config YAML] [--output_dir DIR]
         [--max_steps N] [--resume [TAG]] [key=value ...]
 
-With no --config it runs the built-in demo: the tiny model on a generated corpus of shapes.
-Also runs under torchrun, srun (slurm/common.sh) and mpirun, or as a single plain process.
+With no --config it runs the built-in demo: the tiny model pretrained on a generated corpus of
+shapes, ending with its held-out evaluation. Also runs under torchrun, srun (slurm/common.sh) and
+mpirun, or as a single plain process.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-if __package__ in (None, ""):      # run as a script (deepspeed albef_ds/train.py): import the package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from albef_ds import distributed as dist
 from albef_ds.config import ConfigError, load_config
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ALBEF pretraining with DeepSpeed ZeRO")
+    ap = argparse.ArgumentParser(description="ALBEF training with DeepSpeed ZeRO")
     ap.add_argument("--deepspeed", required=True, metavar="JSON", help="DeepSpeed config (ds_configs/zeroN.json)")
     ap.add_argument("--config", default=None, help="project config: a yaml path or a shipped name; "
                     "omitted: the built-in demo (tiny model, generated corpus)")
@@ -33,21 +30,19 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None, task: str = "pretrain") -> int:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    demo = args.config is None
-    if task != "pretrain" and demo:
-        print(f"{task} needs --config (for example albef_ds/configs/retrieval_coco.yaml)", file=sys.stderr)
-        return 2
     started = dist.init_distributed()
     try:
-        return _run(args, task, demo)
+        return _run(args, demo=args.config is None)
     finally:
         if started:
             dist.shutdown()
 
 
-def _run(args, task: str, demo: bool) -> int:
+def _run(args, demo: bool) -> int:
+    from albef_ds.engine import Trainer
+
     if dist.rank() == 0 and demo:
         print("ALBEF-DS built-in demo: tiny ALBEF on a generated corpus of coloured shapes "
               "(pass --config for real training)", flush=True)
@@ -56,24 +51,20 @@ def _run(args, task: str, demo: bool) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     try:
         cfg = load_config("tiny" if demo else args.config, overrides)
-        if cfg.task != task:
-            raise ConfigError(f"config {args.config} is for task '{cfg.task}', this entry point runs '{task}'")
         output_dir = args.output_dir or cfg.train.output_dir
-        from albef_ds.engine import Trainer
-
         trainer = Trainer(cfg, args.deepspeed, output_dir, resume=args.resume)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
     if dist.rank() == 0:
-        print(f"training {trainer.total_steps} steps, global batch "
+        print(f"training {cfg.task}: {trainer.total_steps} steps, global batch "
               f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()} on {dist.world_size()} "
               f"rank(s), ZeRO stage {trainer.ds_config['zero_optimization']['stage']}, output {output_dir}",
               flush=True)
     code = trainer.train()
     if code == 0 and demo:
         # The demo ends with what the model learned: held-out retrieval, ITM and attribute MLM.
-        from albef_ds.evaluate import evaluate_heldout
+        from albef_ds.eval.shapes_probe import evaluate_heldout
 
         evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
     trainer.close()

@@ -72,7 +72,7 @@ if (( GPUS > 0 && GPUS != PER_NODE )); then
 fi
 
 # DeepSpeed needs train_batch_size = micro batch x grad accum x world size; "auto" entries come
-# from the project config (train.batch_size, train.grad_accum), as albef_ds/engine.py fills them.
+# from the project config (train.batch_size, train.grad_accum), as albef_ds/engine/ds_config.py fills them.
 # Checked here, with the config and its overrides, before every node pays for a model build.
 python - "$DS_CONFIG" "$CONFIG" "$WORLD" "$NODES" ${OVERRIDES[@]+"${OVERRIDES[@]}"} <<'EOF' || fail "config check failed (above): fix the config/overrides, or make the batch fit --nodes x --ntasks-per-node"
 import json, sys

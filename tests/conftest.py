@@ -13,6 +13,8 @@ torch.set_num_threads(2)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_engine: runs albef_ds/train.py end to end")
+    config.addinivalue_line("markers", "slow: starts processes (ranks, launchers, a cluster) or trains; "
+                                       "`make test-fast` leaves these out")
 
 
 @pytest.fixture(autouse=True)

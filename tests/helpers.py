@@ -24,6 +24,28 @@ def random_jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
+def forward(model, images, ids, mask, alpha=0.0, generator=None, image_ids=None, **kwargs) -> dict:
+    """The contrastive training model's loss and metrics as one dict, its queue write committed
+    (as the trainer does after a micro-batch)."""
+    from albef_ds.tasks.base import StepContext
+
+    batch = {"image": images, "input_ids": ids, "attention_mask": mask}
+    if image_ids is not None:
+        batch["image_id"] = image_ids
+    loss, metrics = model(batch, StepContext(0, 1, generator), alpha=alpha, **kwargs)
+    model.after_micro_batch()
+    return {"loss": loss, **metrics}
+
+
+def caption_stream(data_cfg, img_size, tokenizer, batch_size, rank=0, world_size=1, seed=0, image_ids=False):
+    """The pretraining stream (image + one caption per sample) over data_cfg's corpora."""
+    from albef_ds.data import CaptionCodec, ShardStream, build_transform
+
+    codec = CaptionCodec(tokenizer, build_transform(img_size, data_cfg.augment), data_cfg.max_words,
+                         data_cfg.max_tokens, image_ids=image_ids)
+    return ShardStream(data_cfg, codec, batch_size, rank, world_size, seed)
+
+
 def tiny_model_config(**overrides):
     """The shipped tiny config with small queue and test-friendly extras."""
     items = [f"{k}={v}" for k, v in overrides.items()]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tools" / "local_cluster.sh"
 TEMPLATE = REPO / "slurm" / "pretrain_4m.sh"

@@ -11,9 +11,12 @@ import torch
 
 from albef_ds import build_model, load_model
 from albef_ds.config import ConfigError, load_config
-from albef_ds.convert import BASE_RELEASE_OVERRIDES, model_layout, read_checkpoint
+from albef_ds.checkpoint.files import BASE_RELEASE_OVERRIDES, read_checkpoint
+from albef_ds.checkpoint.layout import model_layout
 from albef_ds.models.vit import resize_pos_embed
 from helpers import run_ranks, tiny_batch
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
@@ -121,14 +124,18 @@ def test_converted_model_gives_the_training_engines_outputs_and_weights(trained,
     ref = results[stage]
     target = str(tmp_path / ("albef.safetensors" if stage == 3 else "albef.pt"))
     assert cli.main(["--input", f"{out}/zero{stage}", "--output", target]) == 0
-    model = load_model(target)
-    assert not model.training
+    model = load_model(target)                    # the inference model: online weights only
+    assert not model.training and not hasattr(model, "visual_encoder_m")
     got = outputs(model, *probe())
     for key, want in ref["outputs"].items():
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6, msg=f"stage {stage}: {key}")
-    state = model.state_dict()
+    for key, value in model.named_parameters():
+        assert torch.equal(value, ref["weights"][key]), f"stage {stage}: {key}"
+    state = read_checkpoint(target).state_dict    # the training layout: momentum model and queues too
     for key, want in {**ref["weights"], **ref["buffers"]}.items():
-        assert torch.equal(state[key], want), f"stage {stage}: {key}"     # exact: fp32, not rounded
+        if key in state:                          # tied copies are stored once
+            assert torch.equal(state[key], want), f"stage {stage}: {key}"     # exact: fp32, not rounded
+    assert set(state) == set(model_layout(train_cfg(1)).keys)
     assert not torch.equal(state["visual_encoder_m.blocks.0.attn.qkv.weight"],
                            state["visual_encoder.blocks.0.attn.qkv.weight"])   # the EMA lags the online model
     assert read_checkpoint(target).config.model.queue_size == 64            # the config travels with the file
@@ -147,7 +154,7 @@ def test_zero3_momentum_comes_from_our_fp32_partitions(trained, tmp_path):
         torch.save(state, path)
     merged = read_checkpoint(str(folder)).state_dict
     ref = results[3]["weights"]
-    layout = model_layout(train_cfg(1).model)
+    layout = model_layout(train_cfg(1))
     for key in layout.momentum_names:
         assert torch.equal(merged[key], ref[key] + 0.25), key
     assert torch.equal(merged["visual_encoder.pos_embed"], ref["visual_encoder.pos_embed"])
@@ -163,7 +170,7 @@ def test_bf16_training_converts_to_its_fp32_masters_and_fp32_ema(trained):
     state = read_checkpoint(f"{out}/zero3_bf16").state_dict
     for key, want in ref["masters"].items():
         assert state[key].dtype == torch.float32 and torch.equal(state[key], want), key
-    layout = model_layout(train_cfg(1).model)
+    layout = model_layout(train_cfg(1))
     rounded = 0
     for i, key in enumerate(layout.momentum_names):
         shape = layout.shapes[key]
@@ -204,7 +211,7 @@ def test_no_momentum_and_bf16(trained, tmp_path):
                    for k in state)
     assert not {"image_queue", "text_queue", "idx_queue", "queue_ptr"} & set(state)
     assert state["visual_encoder.pos_embed"].dtype == torch.bfloat16
-    model = load_model(slim, momentum=False)
+    model = load_model(slim)
     assert not hasattr(model, "visual_encoder_m") and not hasattr(model, "image_queue")
     torch.testing.assert_close(outputs(model, *probe())["image_features"], results[1]["outputs"]["image_features"],
                                rtol=0.05, atol=0.02)
@@ -243,7 +250,7 @@ def released_base_keys():
 
 def test_released_base_checkpoint_and_its_fine_tuned_variant_load(tmp_path, capsys):
     cfg = load_config("base", BASE_RELEASE_OVERRIDES)
-    layout = model_layout(cfg.model)
+    layout = model_layout(cfg)
     keys = released_base_keys()
     assert len(keys) == len(set(keys))
     assert {k for k in keys if not k.endswith("position_ids")} == set(layout.shapes) - {"idx_queue"}
@@ -265,19 +272,20 @@ def test_released_base_checkpoint_and_its_fine_tuned_variant_load(tmp_path, caps
     path = str(tmp_path / "ALBEF.pth")
     torch.save({"model": released}, path)
 
-    model = load_model(path)                       # no config stored: the shipped base config at 256 px
-    state = model.state_dict()
+    ckpt = read_checkpoint(path)                   # no config stored: the shipped base config at 256 px
+    assert ckpt.config.task == "pretrain"          # recognised from the keys
+    state = ckpt.state_dict
     for key in keys:
         if key == "temp":
             assert state["temp"].shape == (1,) and state["temp"].item() == pytest.approx(0.0523)
-        elif not key.endswith("position_ids"):
+        elif not key.endswith(("position_ids", "decoder.weight", "decoder.bias")):   # tied: stored once
             assert torch.equal(state[key], released[key]), key
+    assert bool((state["idx_queue"] == -100).all())
+    model = load_model(path)
     key = "text_encoder.bert.encoder.layer.7.crossattention.self.key.weight"
     assert torch.equal(model.text_encoder.bert.encoder.layer[7].crossattention.self.key.weight, released[key])
     assert torch.equal(model.visual_encoder.pos_embed, released["visual_encoder.pos_embed"])    # 257 -> 257
-    assert torch.equal(model.image_queue, released["image_queue"])
-    assert bool((model.idx_queue == -100).all())
-    del model, state
+    del model, state, ckpt
 
     # A fine-tuned release: bare dict, no `bert.` infix, no MLM head, an idx_queue; started from
     # with model.init_checkpoint at 384 px, so its 16x16 position grid is resized to 24x24.
@@ -321,7 +329,6 @@ def test_fine_tuned_tiny_release_via_load_model_reports_what_it_lacks(trained, t
         model = load_model(path, config=train_cfg(1))
     said = " | ".join(str(w.message) for w in caught)
     assert "absent from the checkpoint" in said and "text_encoder.cls.predictions.bias" in said, said
-    assert "momentum weights absent: copied from the online weights" in said, said
     got = outputs(model, *probe())
     for key in ("image_features", "text_features", "itm_scores"):      # the MLM head is not in the file
         torch.testing.assert_close(got[key], results[2]["outputs"][key], rtol=1e-5, atol=1e-6)

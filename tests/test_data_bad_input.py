@@ -5,10 +5,10 @@ import os
 import pytest
 
 from albef_ds.config import DataConfig
-from albef_ds.data import SKIP_COUNTERS, PretrainStream
+from albef_ds.data import SKIP_COUNTERS
 from albef_ds.data.shards import write_shard
 from albef_ds.tokenizer import build_tokenizer
-from helpers import random_jpeg as jpeg
+from helpers import caption_stream, random_jpeg as jpeg
 
 TOKENIZER = build_tokenizer("tiny_vocab.txt")
 
@@ -49,7 +49,7 @@ def bad_shards(folder):
 def test_bad_samples_are_skipped_and_counted(tmp_path, workers):
     corpus, expected = bad_shards(tmp_path)
     cfg = DataConfig(corpora=[corpus], workers=workers, resampled=False, augment=True)
-    stream = PretrainStream(cfg, 16, TOKENIZER, 2, 0, 1, 0)
+    stream = caption_stream(cfg, 16, TOKENIZER, 2, 0, 1, 0)
     os.remove(tmp_path / "bad-00002.tar")             # vanishes after the start: unreadable
     keys = sorted(k for batch in stream for k in batch["keys"])
     # What the truncated tar held before the cut is still read.
@@ -62,7 +62,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, workers):
 def test_resampled_stream_over_bad_shards_keeps_going(tmp_path):
     corpus, _ = bad_shards(tmp_path)
     cfg = DataConfig(corpora=[corpus], workers=2, augment=False, epoch_samples=40)
-    stream = PretrainStream(cfg, 16, TOKENIZER, 2, 0, 1, 0)
+    stream = caption_stream(cfg, 16, TOKENIZER, 2, 0, 1, 0)
     batches = [b for _, b in zip(range(2 * stream.steps_per_epoch), stream)]
     assert len(batches) == 40 and all(len(b["keys"]) == 2 for b in batches)
     assert stream.state_dict()["epoch"] == 2 and stream.stats()["corrupt_image"] > 0
@@ -73,4 +73,4 @@ def test_unusable_data_raises_instead_of_hanging(tmp_path):
     cfg = DataConfig(corpora=[{"name": "x", "shards": [str(tmp_path / "x-00000.tar")], "samples": 8}],
                      workers=0)
     with pytest.raises(RuntimeError, match="no usable sample"):
-        next(iter(PretrainStream(cfg, 16, TOKENIZER, 2, 0, 1, 0)))
+        next(iter(caption_stream(cfg, 16, TOKENIZER, 2, 0, 1, 0)))

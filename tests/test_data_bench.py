@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,3 +18,4 @@ def test_bench_data_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["per_worker_samples_per_s"] > 0 and result["stream_samples_per_s"] > 0
     assert result["stream_worker_cpu_ms_per_sample"] > 0
+import pytest

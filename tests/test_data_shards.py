@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from albef_ds.config import CorpusConfig, DataConfig, load_config
-from albef_ds.data import EvalTransform, PretrainStream, make_shards, resolve_corpora
+from albef_ds.data import EvalTransform, make_shards, resolve_corpora
 from albef_ds.data.shards import write_shard
 from albef_ds.tokenizer import build_tokenizer, clean_caption
+from helpers import caption_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = build_tokenizer("tiny_vocab.txt")
@@ -28,7 +29,7 @@ def image_bytes(seed: int, fmt: str = "JPEG", size=(40, 30)) -> bytes:
 
 def read_all(corpora, batch_size=4, workers=0, **data):
     cfg = DataConfig(corpora=corpora, workers=workers, resampled=False, augment=False, **data)
-    stream = PretrainStream(cfg, 32, TOKENIZER, batch_size, rank=0, world_size=1, seed=0)
+    stream = caption_stream(cfg, 32, TOKENIZER, batch_size, rank=0, world_size=1, seed=0)
     return list(stream), stream
 
 
@@ -97,12 +98,13 @@ def test_make_shards_from_albef_json_with_list_captions(tmp_path):
     for seed in range(8):             # the caption drawn per visit comes from the sample's list
         cfg = DataConfig(corpora=[{"name": "toy", "shards": [result["pattern"]]}], workers=0,
                          resampled=False, augment=False)
-        for batch in PretrainStream(cfg, 32, TOKENIZER, 2, 0, 1, seed):
+        for batch in caption_stream(cfg, 32, TOKENIZER, 2, 0, 1, seed):
             for key, ids in zip(batch["keys"], batch["input_ids"]):
                 seen[key].add(words(ids))
     assert seen == expected
 
 
+@pytest.mark.slow
 def test_make_shards_cli(tmp_path):
     ann = annotation_dataset(tmp_path)
     run = subprocess.run([sys.executable, "tools/make_shards.py", "--ann", str(ann), "--image-root",
@@ -133,7 +135,7 @@ def test_missing_pattern_raises_naming_it(tmp_path):
         resolve_corpora([{"name": "x", "shards": [pattern], "samples": 10}])
     cfg = DataConfig(corpora=[CorpusConfig(name="x", shards=[pattern], samples=10)])
     with pytest.raises(ValueError, match=r"nothing-\{00000\.\.00009\}\.tar"):
-        PretrainStream(cfg, 32, TOKENIZER, 2, 0, 1, 0)
+        caption_stream(cfg, 32, TOKENIZER, 2, 0, 1, 0)
 
 
 def test_corpus_mixing_weights(tmp_path):
@@ -165,7 +167,7 @@ def test_mixed_corpora_stream(tmp_path):
         corpora.append({"name": name, "shards": [str(tmp_path / f"{name}-00000.tar")], "samples": 6,
                         "weight": 1.0 if name == "a" else 3.0})
     cfg = DataConfig(corpora=corpora, workers=0, augment=False, epoch_samples=480)
-    stream = PretrainStream(cfg, 32, TOKENIZER, 4, 0, 1, 0)
+    stream = caption_stream(cfg, 32, TOKENIZER, 4, 0, 1, 0)
     keys = [k for _, batch in zip(range(stream.steps_per_epoch), stream) for k in batch["keys"]]
     share_b = sum(k.startswith("b/") for k in keys) / len(keys)
     assert 0.6 < share_b < 0.9                                                # 0.75 expected
@@ -199,4 +201,4 @@ def test_pretrain_configs(name):
     assert data.epoch_samples == sum(c.weight for c in data.corpora)
     assert {c.name for c in data.corpora} >= {"coco", "vg", "sbu", "cc3m"}
     with pytest.raises(ValueError, match=r"/data/albef/coco/coco-\{00000\.\.00011\}\.tar"):
-        PretrainStream(data, 256, TOKENIZER, 64, 0, 8, 42)          # placeholders: no such files
+        caption_stream(data, 256, TOKENIZER, 64, 0, 8, 42)          # placeholders: no such files

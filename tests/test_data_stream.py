@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from albef_ds.config import DataConfig
-from albef_ds.data import PretrainStream, pipeline
+from albef_ds.data import codec, shards
 from albef_ds.data.shards import write_shard
 from albef_ds.tokenizer import build_tokenizer
-from helpers import random_jpeg as tiny_jpeg
+from helpers import caption_stream, random_jpeg as tiny_jpeg
 
 TOKENIZER = build_tokenizer("tiny_vocab.txt")
 
@@ -33,7 +33,7 @@ def write_corpus(folder, sizes, prefix="s"):
 
 def stream(corpus, batch_size=3, rank=0, world_size=1, seed=0, **data):
     cfg = DataConfig(corpora=[corpus], **{"augment": False, "workers": 2, **data})
-    return PretrainStream(cfg, 16, TOKENIZER, batch_size, rank, world_size, seed)
+    return caption_stream(cfg, 16, TOKENIZER, batch_size, rank, world_size, seed)
 
 
 def take_keys(s, n):
@@ -108,9 +108,9 @@ def test_resume_skips_without_decoding_or_opening(tmp_path, monkeypatch):
     expected = take_keys(first, 1)
 
     decoded, opened = [], []
-    decode, read = pipeline.decode_image, pipeline.read_shard
-    monkeypatch.setattr(pipeline, "decode_image", lambda data: decoded.append(1) or decode(data))
-    monkeypatch.setattr(pipeline, "read_shard", lambda url: opened.append(url) or read(url))
+    decode, read = codec.decode_image, shards.read_shard
+    monkeypatch.setattr(codec, "decode_image", lambda data: decoded.append(1) or decode(data))
+    monkeypatch.setattr(shards, "read_shard", lambda url: opened.append(url) or read(url))
     resumed = stream(corpus, **options)
     resumed.load_state_dict(state)
     assert take_keys(resumed, 1) == expected

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from albef_ds.config import DataConfig, SyntheticConfig, load_config
-from albef_ds.data import PretrainStream, synthetic, write_synthetic_corpus
-from albef_ds.data.pipeline import read_shard
+from albef_ds.data import synthetic, write_synthetic_corpus
+from albef_ds.data.samples import read_shard
 from albef_ds.data.shards import expand_pattern
 from albef_ds.tokenizer import CONFIG_DIR, build_tokenizer, clean_caption
+from helpers import caption_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SyntheticConfig(train_samples=40, heldout_samples=12, samples_per_shard=16, image_size=64, seed=3)
@@ -126,12 +127,13 @@ def test_stream_over_the_corpus(corpus):
     _, corpora = corpus
     cfg = load_config("tiny")
     data = DataConfig(**{**cfg.data.__dict__, "corpora": corpora["train"], "workers": 0})
-    stream = PretrainStream(data, cfg.model.vision.img_size, build_tokenizer(cfg.model.text.tokenizer),
+    stream = caption_stream(data, cfg.model.vision.img_size, build_tokenizer(cfg.model.text.tokenizer),
                             8, 0, 1, 0)
     batch = next(iter(stream))
     assert batch["image"].shape == (8, 3, 64, 64) and batch["input_ids"].shape == (8, cfg.data.max_tokens)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     run = subprocess.run([sys.executable, "tools/make_synthetic_shards.py", "--out", str(tmp_path),
                           "--train-samples", "8", "--heldout-samples", "4", "--samples-per-shard", "8"],

@@ -9,8 +9,12 @@ import torch
 import torch.distributed as dist
 
 from albef_ds.config import ConfigError, load_config
-from albef_ds.engine import EXIT_REQUEUE, Trainer, check_eval_config, resolve_ds_config
+from albef_ds.engine import EXIT_REQUEUE, Trainer, resolve_ds_config
+from albef_ds.engine.preflight import check_select_metric
+from albef_ds.tasks import get_task
 from helpers import run_ranks, tiny_batch
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
@@ -144,7 +148,7 @@ def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
         resolve_ds_config({"train_micro_batch_size_per_gpu": 8}, cfg, 2)
     with pytest.raises(ConfigError, match="global batch 128 .* larger than model.queue_size 64"):
-        resolve_ds_config({}, tiny_cfg(1, "train.batch_size=64"), 2)
+        get_task(tiny_cfg(1, "train.batch_size=64")).check(2)
     resolved = resolve_ds_config(ds_config(2), cfg, 2)
     assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
 
@@ -157,10 +161,14 @@ def unknown_metric_fn(rank, world, out_dir):
 
 
 def test_an_unknown_selection_metric_fails_before_training(tmp_path):
-    check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=itc_img_r1"))
-    check_eval_config(tiny_cfg(1, "eval.select_metric=r_meen"))          # never evaluated: unused
+    def check(*overrides):
+        cfg = tiny_cfg(1, *overrides)
+        check_select_metric(cfg, get_task(cfg))
+
+    check("eval.every_epochs=1", "eval.select_metric=itc_img_r1")
+    check("eval.select_metric=r_meen")                                  # never evaluated: unused
     with pytest.raises(ConfigError, match="eval.select_metric 'r_meen' is not a reported metric"):
-        check_eval_config(tiny_cfg(1, "eval.every_epochs=1", "eval.select_metric=r_meen"))
+        check("eval.every_epochs=1", "eval.select_metric=r_meen")
     # and the Trainer checks it when it starts
     message = run_ranks(unknown_metric_fn, 1, str(tmp_path))[0]
     assert message.startswith("eval.select_metric 'r_meen' is not a reported metric")
@@ -279,7 +287,7 @@ def test_a_step_is_saved_once_however_often_asked(tmp_path):
 
 def finetune_fn(rank, world, out_dir):
     cfg = load_config("tiny", [
-        "task=retrieval", "model.mlm=false", "model.queue_size=64", "train.batch_size=16",
+        "task=retrieval", "model.queue_size=64", "train.batch_size=16",
         "data.synthetic.train_samples=128", "data.synthetic.heldout_samples=48",
         "data.synthetic.samples_per_shard=64", "data.epoch_samples=64", "data.workers=0",
         "train.epochs=3", "train.max_steps=0", "train.keep_last=1", "train.save_every=1000", "train.log_every=1",
@@ -376,6 +384,8 @@ def test_a_non_finite_gradient_behind_a_finite_loss_stops_before_anything_is_sav
 def temperature_fn(rank, world, stage, out_dir):
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
+    from albef_ds.engine import zero
+
     cfg = tiny_cfg(world)
     trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
     temp = trainer.model.temp
@@ -386,7 +396,7 @@ def temperature_fn(rank, world, stage, out_dir):
         with torch.no_grad():
             fragment.fill_(5.0 if rank == 0 else 0.0)                   # rank 1 holds padding
     trainer.train_step(iter(trainer.batches))
-    result = float(safe_get_full_fp32_param(temp)), trainer.temperature()
+    result = float(safe_get_full_fp32_param(temp)), float(zero.master_value(temp))
     trainer.close()
     return result
 

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from albef_ds import build_model
-from albef_ds.evaluate import (NOT_RERANKED, RECALL_KEYS, RETRIEVAL_METRICS, RetrievalSet, evaluate_retrieval,
-                               heldout_checks, main, read_retrieval_set, retrieval_metrics)
+from albef_ds.eval.inputs import load_images
+from albef_ds.eval.recall import RECALL_KEYS, retrieval_metrics
+from albef_ds.eval.retrieval import (NOT_RERANKED, RETRIEVAL_METRICS, RetrievalSet, evaluate_retrieval,
+                                     read_retrieval_set)
+from albef_ds.eval.shapes_probe import heldout_checks
+from albef_ds.evaluate import main
 from albef_ds.tokenizer import build_tokenizer
 from helpers import run_ranks, tiny_model_config
 
@@ -101,9 +105,7 @@ def test_rerank_scores_are_the_pairs_itm_logits():
     from albef_ds.tokenizer import tokenize
 
     ids, mask = tokenize(tok, data.texts, 16)
-    from albef_ds.evaluate import _load_images
-
-    images = _load_images(data, range(5), 64, [])
+    images = load_images(data.images, data.names, range(5), 64, [])
     with torch.no_grad():
         for i in range(5):
             direct = model.itm_logits(model.image_embeds(images[i:i + 1]).expand(n_txt, -1, -1), ids, mask)[:, 1]
@@ -156,8 +158,9 @@ def test_read_json_and_shards(tmp_path):
 
 def write_inputs(folder, n_images):
     """A converted checkpoint of the tiny model and an evaluation JSON with its images."""
+    from albef_ds.checkpoint.files import save_albef_ds
+    from albef_ds.checkpoint.layout import layout_of
     from albef_ds.config import load_config
-    from albef_ds.convert import layout_of, save_albef_ds
 
     os.makedirs(folder, exist_ok=True)
     model = tiny_model()
@@ -189,7 +192,7 @@ def _eval_on_ranks(rank, world, n_images, k_test, batch_size, folder):
           "--batch_size", str(batch_size)])
     if rank > 0:                          # rank 0 writes the result
         return out, checks, None
-    with open(os.path.join(out_dir, "retrieval.json")) as f:
+    with open(os.path.join(out_dir, "metrics.json")) as f:
         return out, checks, json.load(f)
 
 
@@ -201,10 +204,12 @@ def _cli_into_a_file(rank, world, folder):
               os.path.join(folder, "none.json"), "--output_dir", blocker])
 
 
+@pytest.mark.slow
 def test_the_command_line_checks_its_output_folder_before_the_work(tmp_path):
     run_ranks(_cli_into_a_file, 1, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     # 7 images (13 captions) in batches of 2: rank 0 encodes 4 images, rank 1 three.
     args = (7, 4, 2, str(tmp_path))

@@ -4,7 +4,11 @@ samples. Took 4 min 24 s on a 2-core machine shared with other jobs; see docs/re
 import os
 import time
 
+import pytest
+
 from helpers import run_ranks
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shipped tiny recipe (3000 steps of 8 samples), without momentum distillation (see
@@ -18,7 +22,7 @@ def _pretrain_and_evaluate(rank, world, out_dir, overrides):
     # that wait for a descheduled sibling make a busy machine much slower
     from albef_ds.config import load_config
     from albef_ds.engine import Trainer
-    from albef_ds.evaluate import evaluate_heldout
+    from albef_ds.eval.shapes_probe import evaluate_heldout
 
     started, cpu = time.perf_counter(), time.process_time()
     cfg = load_config("tiny", overrides)

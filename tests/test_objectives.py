@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from albef_ds import objectives
+from albef_ds.tasks import objectives
 
 
 def test_alpha_ramp():

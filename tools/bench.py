@@ -8,31 +8,27 @@ Baseline:   ... --baseline   (the public implementation's setting: fp32, TF32 of
 
 Runs the real Trainer on two random in-memory batches (the data loader has its own benchmark,
 tools/bench_data.py): `--warmup` steps, then `--steps` of the Trainer's training steps, as
-train.py runs them (samples/s, peak memory, bytes exchanged; `--engine_loop`: the engine's calls
-alone), then `--split_steps` steps of the
-same work synchronised at each phase boundary (the step split, time in collectives, per-rank
-bytes), then with `--profile` two training steps under torch.profiler. Prints a table, writes JSON.
+train.py runs them (samples/s, peak memory, bytes exchanged), then `--split_steps` of the same
+steps with the device synchronised at each phase boundary (Trainer.train_step's phases: the step
+split, time in collectives, per-rank bytes), then with `--profile` two training steps under
+torch.profiler. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from albef_ds import distributed as dist  # noqa: E402
-from albef_ds.config import load_config  # noqa: E402
-from albef_ds.data.synthetic import random_batch  # noqa: E402
-from albef_ds.flops import train_flops_per_sample  # noqa: E402
-from albef_ds.momentum import local_data  # noqa: E402
+from albef_ds import distributed as dist
+from albef_ds.config import load_config
+from albef_ds.data.synthetic import random_batch
+from albef_ds.flops import train_flops_per_sample
+from albef_ds.tasks.momentum import local_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +49,6 @@ def parse_args():
                     help="torch's fused AdamW instead of DeepSpeed's (where its JIT build is impossible)")
     ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
                     help="set a DeepSpeed config entry, e.g. bf16.check_grad_overflow=false (repeatable)")
-    ap.add_argument("--engine_loop", action="store_true",
-                    help="measure the engine's calls alone, without the Trainer's agreement on the loss after "
-                         "the forward pass (what that wait for the device costs)")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the accelerator's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -69,7 +62,7 @@ def ds_config(stage: int, baseline: bool, gpu: bool, client_optimizer: bool) -> 
     if stage > 0:
         # as ds_configs/: ZeRO-1 reduces all gradients after the backward pass (no per-parameter
         # hooks, which cost more than they save on one node), ZeRO-2 as they are produced, with
-        # the Trainer's choice by world size of the two "auto" entries (albef_ds/engine.py)
+        # the Trainer's choice by world size of the two "auto" entries (albef_ds/engine/ds_config.py)
         reduction = {1: {"overlap_comm": False, "contiguous_gradients": False},
                      2: {"overlap_comm": "auto", "contiguous_gradients": "auto"},
                      3: {"overlap_comm": False, "contiguous_gradients": True}}[stage]
@@ -198,24 +191,8 @@ def main() -> None:
                  else contextlib.nullcontext())
     from albef_ds.distributed import traffic
 
-    seeds = itertools.count()
-
-    def engine_step(phase=lambda name: contextlib.nullcontext()) -> dict:
-        with phase("data"):
-            images, ids, mask = trainer._to_device(next(data))
-        with phase("forward"):
-            out = engine(images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(next(seeds)))
-        with phase("backward"):
-            engine.backward(out["loss"])
-        with phase("optimizer"):
-            engine.step()
-        with phase("momentum"):
-            trainer.momentum.update()
-            trainer._clamp_temperature()
-        return {k: v.detach() for k, v in out.items()}
-
     def training_step() -> dict:
-        return engine_step() if args.engine_loop else trainer.train_step(data)[0]
+        return trainer.train_step(data)[0]
 
     def synchronize():
         if gpu:
@@ -225,8 +202,7 @@ def main() -> None:
         for _ in range(args.warmup):
             training_step()
         # Throughput: the Trainer's own step (train.py's), whose one wait for the device is the
-        # agreement on the loss after the forward pass (--engine_loop: none); otherwise the host
-        # runs ahead.
+        # agreement on the loss after the forward pass; otherwise the host runs ahead.
         synchronize()
         traffic.update(fetch_bytes=0, gather_bytes=0)
         if gpu:
@@ -241,11 +217,11 @@ def main() -> None:
         losses = {k: float(v) for k, v in losses.items()}     # last measured step: finite?
         elapsed = time.perf_counter() - started
         hard_negative_bytes, itc_gather_bytes = traffic["fetch_bytes"], traffic["gather_bytes"]
-        # Step split: the same work with the device synchronised at every phase boundary.
+        # Step split: the Trainer's step with the device synchronised at every phase boundary.
         comm_time["s"] = 0.0
         timer.on = True
         for _ in range(args.split_steps):
-            engine_step(timer)
+            trainer.train_step(data, phase=timer)
         timer.on = False
         if args.profile:
             write_profile(args.profile, gpu, lambda: [training_step() for _ in range(2)])
@@ -254,14 +230,15 @@ def main() -> None:
     state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
     samples_per_s = args.batch * world * args.steps / elapsed
     caption_tokens = fixed[0]["attention_mask"].sum(1).float().mean().item()
-    flops = train_flops_per_sample(cfg.model, length, args.batch * world,
+    mlm = getattr(trainer.model, "mlm", False)
+    flops = train_flops_per_sample(cfg.model, length, args.batch * world, mlm=mlm,
                                    masked_tokens=cfg.model.mlm_probability * (caption_tokens - 1))   # [CLS] never masked
     momentum_bytes = nbytes([local_data(pm) for _, pm in trainer.momentum.pairs]) + nbytes(
         [a for a in trainer.momentum.fp32 if a is not None])
     peak = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {
         "config": args.config, "stage": args.stage, "world_size": world, "micro_batch": args.batch,
-        "baseline": args.baseline, "engine_loop": args.engine_loop, "ds_entries": args.ds, "overrides": args.overrides,
+        "baseline": args.baseline, "ds_entries": args.ds, "overrides": args.overrides,
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(inner).__name__,
         "threads": torch.get_num_threads(),

@@ -7,7 +7,7 @@ Writes --images photo-like 640x480 JPEGs (quality 90) into one shard, then measu
 1. per worker: decode + the paper's train transform (crop, flip, RandAugment, CLIP norm) in this
    process on one thread, as one DataLoader worker runs it, per wall and per CPU second (the
    second is what a worker with a core of its own makes, whatever else the machine runs);
-2. stream: PretrainStream with --workers processes (tar reading, decode, augment, tokenize, collate,
+2. stream: the pretraining ShardStream with --workers processes (tar reading, decode, augment, tokenize, collate,
    hand-over to the main process): samples/s in total and per worker, and the workers' CPU time
    per sample (which other load on the machine does not change).
 Prints the results as JSON and writes them to --out.
@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import resource
-import sys
 import tempfile
 import time
 
@@ -28,13 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from albef_ds.config import DataConfig  # noqa: E402
-from albef_ds.data import PretrainStream, TrainTransform  # noqa: E402
-from albef_ds.data.pipeline import decode_image  # noqa: E402
-from albef_ds.data.shards import write_shard  # noqa: E402
-from albef_ds.tokenizer import build_tokenizer  # noqa: E402
+from albef_ds.config import DataConfig
+from albef_ds.data import CaptionCodec, ShardStream, TrainTransform
+from albef_ds.data.samples import decode_image
+from albef_ds.data.shards import write_shard
+from albef_ds.tokenizer import build_tokenizer
 
 
 def photo_like_jpeg(seed: int, width: int = 640, height: int = 480) -> bytes:
@@ -70,7 +67,8 @@ def stream_rate(shard: str, samples: int, img_size: int, workers: int, seconds: 
     on how many cores the machine lends the workers while other work runs."""
     cfg = DataConfig(corpora=[{"name": "bench", "shards": [shard], "samples": samples}], workers=workers,
                      augment=True, epoch_samples=10**9)
-    stream = PretrainStream(cfg, img_size, build_tokenizer("tiny_vocab.txt"), 32, 0, 1, 0)
+    codec = CaptionCodec(build_tokenizer("tiny_vocab.txt"), TrainTransform(img_size), cfg.max_words, cfg.max_tokens)
+    stream = ShardStream(cfg, codec, 32, 0, 1, 0)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     batches = iter(stream)
     next(batches)                                # worker start-up is not throughput

@@ -15,10 +15,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from albef_ds.config import ConfigError, load_config  # noqa: E402
-from albef_ds.convert import DTYPES, FORMAT, RELEASED, ConversionError, convert  # noqa: E402
+from albef_ds.config import ConfigError, load_config
+from albef_ds.checkpoint.files import DTYPES, FORMAT, RELEASED, convert
+from albef_ds.io import ConversionError
 
 
 def parse_args(argv=None):

@@ -13,11 +13,8 @@ data.corpora[].shards; sample counts go to sizes.json next to the shards.
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from albef_ds.data.shards import make_shards  # noqa: E402
+from albef_ds.data.shards import make_shards
 
 
 def main() -> None:

@@ -10,13 +10,9 @@ data.corpora; "heldout" for evaluation with resampled: false, augment: false).
 import argparse
 import dataclasses
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from albef_ds.config import SyntheticConfig, load_config  # noqa: E402
-from albef_ds.data import write_synthetic_corpus  # noqa: E402
+from albef_ds.config import SyntheticConfig, load_config
+from albef_ds.data import write_synthetic_corpus
 
 
 def main() -> None:

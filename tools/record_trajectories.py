@@ -24,7 +24,7 @@ COMMON = ["data.synthetic.train_samples=512", "data.synthetic.heldout_samples=16
           "data.synthetic.samples_per_shard=128", "data.epoch_samples=160", "data.workers=1",
           "data.augment=true", "model.alpha=0.4", "model.queue_size=64", f"train.max_steps={STEPS}",
           "train.warmup_steps=5", "train.log_every=1", "train.save_every=1000"]
-RUNS = {"pretrain": [], "retrieval": ["task=retrieval", "model.mlm=false"]}
+RUNS = {"pretrain": [], "retrieval": ["task=retrieval"]}
 RECORDED = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
 

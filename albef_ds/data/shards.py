@@ -6,31 +6,61 @@ object stores: `pipe:aws s3 cp s3://bucket/cc12m-{00000..01242}.tar -`). Its sam
 the config or, when that is 0, from the `sizes.json` files next to local shards
 (`{"<shard file name>": <samples>}`, as written by tools/make_shards.py) or img2dataset's
 per-shard `<shard>_stats.json`.
+
+A corpus can instead name ALBEF annotation files (`annotations: [vqa_train.json]`, with
+`image_root`): they are read directly, one sample per entry, in runs of ANNOTATION_SHARD entries
+that the stream treats as shards (the images are read from the image root as the entry is used).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import braceexpand
 import webdataset as wds
 
 from albef_ds.config import CorpusConfig
+from albef_ds.data.samples import IMAGE_EXTENSIONS, annotation_sample, read_shard
 
 SIZES_FILE = "sizes.json"
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+ANNOTATION_SHARD = 1000      # entries of an annotation file read as one shard
 
 
 @dataclass(frozen=True)
 class Shard:
-    url: str       # what webdataset opens: a path or a `pipe:` command
+    url: str       # what webdataset opens: a path or a `pipe:` command; or an annotation file
     name: str      # key prefix "<corpus>/<shard stem>", unique over the whole stream
     weight: float  # relative probability of drawing this shard in resampled mode
+    entries: Optional[tuple[int, int]] = None    # annotation file: the entries [start, end)
+    image_root: Optional[str] = None             # annotation file: where its image paths start
+
+
+def open_shard(shard: Shard) -> Iterator[dict]:
+    """The raw samples of a shard, in order (albef_ds.data.samples)."""
+    if shard.entries is None:
+        yield from read_shard(shard.url)
+        return
+    start, end = shard.entries
+    entries = read_annotations(shard.url)
+    for index in range(start, min(end, len(entries))):
+        yield annotation_sample(f"{index:09d}", entries[index], shard.image_root)
+
+
+@functools.lru_cache(maxsize=4)
+def read_annotations(path: str) -> list:
+    """An ALBEF annotation file: a JSON list of entries (read once per process)."""
+    with open(path) as f:
+        entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
+    return entries
 
 
 def is_local(url: str) -> bool:
@@ -89,6 +119,14 @@ def resolve_corpora(corpora: list) -> tuple[list[Shard], int]:
     shards, total = [], 0
     for i, corpus in enumerate(corpora):
         name = corpus.name or f"corpus{i}"
+        if corpus.annotations:
+            if corpus.shards:
+                raise ValueError(f"corpus '{name}' names both shards and annotation files: make two corpora")
+            found, samples = _annotation_shards(corpus, name)
+            share = corpus.weight if corpus.weight is not None else samples
+            shards += [dataclasses.replace(s, weight=share / samples) for s in found]
+            total += samples
+            continue
         urls = [u for pattern in corpus.shards for u in expand_pattern(pattern)]
         if not urls:
             raise ValueError(f"corpus '{name}' lists no shard patterns")
@@ -106,6 +144,25 @@ def resolve_corpora(corpora: list) -> tuple[list[Shard], int]:
         shards += [Shard(u, f"{name}/{s}", share / samples) for u, s in zip(urls, stems)]
         total += samples
     return shards, total
+
+
+def _annotation_shards(corpus: CorpusConfig, name: str) -> tuple[list[Shard], int]:
+    """Runs of ANNOTATION_SHARD entries of each annotation file, and the number of entries."""
+    shards, samples = [], 0
+    for path in corpus.annotations:
+        path = os.path.expandvars(path)
+        try:
+            entries = read_annotations(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"corpus '{name}': cannot read annotation file {path}: {exc}") from None
+        stem = Path(path).stem
+        shards += [Shard(path, f"{name}/{stem}-{i // ANNOTATION_SHARD:05d}", 1.0, (i, i + ANNOTATION_SHARD),
+                         os.path.expandvars(corpus.image_root) or None)
+                   for i in range(0, len(entries), ANNOTATION_SHARD)]
+        samples += len(entries)
+    if samples == 0:
+        raise ValueError(f"corpus '{name}': its annotation files list no entry")
+    return shards, corpus.samples or samples
 
 
 def write_shard(path: str, samples: Iterable[dict]) -> int:

@@ -1,4 +1,7 @@
-"""The pretraining stream: tar shards -> decoded, augmented, tokenized batches, with exact resume.
+"""The training stream: shards -> decoded, augmented batches for one rank, with exact resume.
+
+What a sample becomes is the task's business (its SampleCodec, albef_ds.data.codec); this module
+decides which samples, in which order, on which rank and worker, and where to resume.
 
 Order. Each DataLoader worker reads a sequence of shard *draws*; a draw is (shard, draw seed) and
 the sequence is a pure function of (seed, epoch, rank, worker) and the shard list:
@@ -8,7 +11,7 @@ the sequence is a pure function of (seed, epoch, rank, worker) and the shard lis
 - not resampled: the shards shuffled once per epoch and dealt out over all ranks x workers, each
   shard read once, every worker to its end (ranks may then make different numbers of batches).
 A draw's samples are shuffled with a buffer that lives inside the draw, seeded by the draw seed,
-and each sample's caption choice and augmentation use an RNG seeded by (draw seed, position).
+and each sample's decoding (caption choice, augmentation) uses an RNG seeded by (draw seed, position).
 
 Resume. A worker's position is (draw index, samples of that draw passed, batches made). Every batch
 carries its worker's position after it; the main process keeps, per worker, the position of the
@@ -23,70 +26,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import random
-import tarfile
 from collections import Counter
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from albef_ds.config import DataConfig
-from albef_ds.data.shards import Shard, resolve_corpora
-from albef_ds.data.transforms import build_transform
-from albef_ds.tokenizer import clean_caption, tokenize
+from albef_ds.data.codec import SKIP_COUNTERS, SampleCodec
+from albef_ds.data.samples import ERROR_KEY
+from albef_ds.data.shards import open_shard, resolve_corpora
 
-SKIP_COUNTERS = ("corrupt_image", "missing_image", "empty_caption", "bad_text", "truncated_tar",
-                 "shard_error")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-ERROR_KEY = "__error__"
 # Resampled draws in a row without one usable sample before a worker gives up: the data is
 # unreadable, and waiting for a batch that cannot come would hang every rank.
 MAX_EMPTY_DRAWS = 100
-
-
-class _EndCheckingReader:
-    """A file wrapper noting whether the tar reader asked for bytes past the end of the file: a
-    complete tar ends with zero blocks that the reader stops at, so only a truncated one does
-    (also one cut between two members, which the tar reader alone takes for a complete file)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.read_past_end = False
-
-    def read(self, size=-1):
-        data = self.stream.read(size)
-        self.read_past_end |= size != 0 and not data
-        return data
-
-
-def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard ({"__key__", extension: bytes}) through webdataset's tar reader; a
-    shard that cannot be opened or read to its end yields what it could, then one
-    {ERROR_KEY: counter name} item."""
-    errors = []
-
-    def keep_going(exn):
-        errors.append(exn)
-        return True
-
-    try:
-        stream = _EndCheckingReader(gopen(url))
-    except OSError:                             # a missing file; failing commands fail on read
-        yield {ERROR_KEY: "shard_error"}
-        return
-    yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=keep_going),
-                             handler=keep_going)
-    if stream.read_past_end or any(isinstance(e, tarfile.TarError) for e in errors):
-        yield {ERROR_KEY: "truncated_tar"}
-    elif errors:
-        yield {ERROR_KEY: "shard_error"}
 
 
 def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:
@@ -106,31 +62,10 @@ def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:
     yield from buffer
 
 
-def decode_image(source: Union[bytes, str]) -> Image.Image:
-    """An RGB image from encoded bytes (a shard member) or a file path (an annotation's image)."""
-    # convert() forces the full decode, so a truncated file fails here.
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
-
-
-def sample_captions(sample: dict) -> list[str]:
-    """json's "caption" (a string or a list) when present, else txt (the whole file, one caption).
-    Raises ValueError on text that is not UTF-8 or json that does not parse."""
-    if "json" in sample:
-        meta = json.loads(sample["json"].decode("utf-8"))
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        if isinstance(caption, str):
-            return [caption]
-        if isinstance(caption, list):
-            return [c for c in caption if isinstance(c, str)]
-    if "txt" in sample:
-        return [sample["txt"].decode("utf-8")]
-    return []
-
-
 class _EpochReader(IterableDataset):
     """What one DataLoader runs: every worker resumes its own position in one epoch."""
 
-    def __init__(self, stream: "PretrainStream", state: dict):
+    def __init__(self, stream: "ShardStream", state: dict):
         self.stream = stream
         self.state = copy.deepcopy(state)
 
@@ -141,32 +76,31 @@ class _EpochReader(IterableDataset):
         return self.stream._worker_batches(self.state["epoch"], worker, draw, offset, batches)
 
 
-class PretrainStream:
-    """Batches {"image", "input_ids", "attention_mask", "keys"} for one rank; see the module doc.
+class ShardStream:
+    """Batches of the codec's keys plus "keys" (the samples' keys) for one rank; see the module doc.
 
     Iterating goes on over epochs in resampled mode, and makes one pass otherwise (a new
     iteration then starts the next epoch). state_dict() / load_state_dict() save and restore the
     position of what was consumed; load before iterating."""
 
-    def __init__(self, data_cfg: DataConfig, img_size: int, tokenizer, batch_size: int,
+    def __init__(self, data_cfg: DataConfig, codec: SampleCodec, batch_size: int,
                  rank: int, world_size: int, seed: int):
         self.cfg = data_cfg
         self.shards, corpus_samples = resolve_corpora(data_cfg.corpora)
         weights = np.array([s.weight for s in self.shards], dtype=np.float64)
         self.probs = weights / weights.sum()
-        self.tokenizer = tokenizer
+        self.codec = codec
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.num_workers = max(1, data_cfg.workers)   # workers: 0 reads in-process, as one worker
-        self.transform = build_transform(img_size, data_cfg.augment)
         epoch_samples = data_cfg.epoch_samples or corpus_samples
         self.steps_per_epoch = epoch_samples // (batch_size * world_size)
         if data_cfg.resampled and self.steps_per_epoch == 0:
             raise ValueError(f"an epoch of {epoch_samples} samples makes no batch of {batch_size} "
                              f"on each of {world_size} ranks")
-        self._state = self._epoch_start(0, dict.fromkeys(SKIP_COUNTERS, 0))
+        self._state = self._epoch_start(0, dict.fromkeys(SKIP_COUNTERS + tuple(codec.skip_reasons), 0))
 
     # ---- position ------------------------------------------------------------------------
 
@@ -253,7 +187,7 @@ class PretrainStream:
             shard = self.shards[shard_index]
             first = start_offset if draw == start_draw else 0
             used = False
-            items = shuffled(read_shard(shard.url), random.Random(draw_seed), self.cfg.shuffle_buffer)
+            items = shuffled(open_shard(shard), random.Random(draw_seed), self.cfg.shuffle_buffer)
             for offset, raw in enumerate(items):
                 if offset < first:
                     continue                    # consumed samples are not decoded
@@ -279,39 +213,22 @@ class PretrainStream:
         if samples or skipped:                  # end of a non-resampled pass
             yield self._collate(samples, worker, position, skipped)
 
-    def _prepare(self, raw: dict, shard: Shard, rng: random.Random) -> Union[tuple, str]:
-        """(key, image tensor, caption), or the name of the counter the sample is skipped under."""
+    def _prepare(self, raw: dict, shard, rng: random.Random):
+        """(key, decoded sample), or the name of the counter the sample is skipped under."""
         if ERROR_KEY in raw:
             return raw[ERROR_KEY]
-        try:
-            captions = sample_captions(raw)
-        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
-            return "bad_text"
-        captions = [c for c in (clean_caption(c, self.cfg.max_words) for c in captions) if c]
-        if not captions:
-            return "empty_caption"
-        caption = rng.choice(captions)
-        data = next((raw[key] for key in IMAGE_KEYS if key in raw), None)
-        if data is None:
-            return "missing_image"
-        try:
-            image = decode_image(data)
-        except Exception:                       # PIL raises many types on broken files
-            return "corrupt_image"
-        return f"{shard.name}/{raw['__key__']}", self.transform(image, rng), caption
+        key = f"{shard.name}/{raw['__key__']}"
+        sample = self.codec.decode(raw, key, rng)
+        return sample if isinstance(sample, str) else (key, sample)
 
     def _collate(self, samples: list, worker: int, position: list, skipped: Counter) -> dict:
-        batch = {"keys": [key for key, _, _ in samples], "_worker": worker, "_position": position,
-                 "_skipped": dict(skipped)}
+        keys = [key for key, _ in samples]
+        batch = {"keys": keys, "_worker": worker, "_position": position, "_skipped": dict(skipped)}
         if samples:
-            # default_collate stacks straight into shared memory in a worker process (torch.stack
-            # would leave the DataLoader a second copy to make).
-            batch["image"] = default_collate([image for _, image, _ in samples])
-            batch["input_ids"], batch["attention_mask"] = tokenize(
-                self.tokenizer, [caption for _, _, caption in samples], self.cfg.max_tokens)
+            batch.update(self.codec.collate([sample for _, sample in samples], keys))
         return batch
 
     def __repr__(self) -> str:
-        return (f"PretrainStream({len(self.shards)} shards, rank {self.rank}/{self.world_size}, "
+        return (f"ShardStream({len(self.shards)} shards, rank {self.rank}/{self.world_size}, "
                 f"{self.num_workers} workers, {self.steps_per_epoch} steps/epoch)")
 

@@ -1,4 +1,6 @@
-"""The momentum (EMA) model update, on whatever part of each weight this rank holds.
+"""Momentum distillation state: frozen EMA copies of online parts, their update, feature queues.
+
+The EMA runs on whatever part of each weight this rank holds.
 
 Under ZeRO-3 every parameter, online and momentum alike, is split into equal partitions per rank
 (`param.ds_tensor`); an online weight and its momentum copy have the same size, so their
@@ -9,8 +11,58 @@ the local partition: a 0.005-sized step would otherwise round away.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+NO_IMAGE_ID = -100          # idx_queue entry of a feature without an image id: never a positive
+QUEUE_BUFFERS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def add_momentum_copies(model: nn.Module, builders: dict[str, Callable[[], nn.Module]]) -> None:
+    """For each online part `name` of `model`, a frozen copy `name_m`: every copy is built first by
+    its builder (fresh weights, no pretrained files), then all are filled from the online parts."""
+    copies = {name: build() for name, build in builders.items()}
+    for name, copy in copies.items():
+        copy.requires_grad_(False)
+        setattr(model, f"{name}_m", copy)
+    copy_to_momentum(model, list(builders))
+
+
+@torch.no_grad()
+def copy_to_momentum(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        getattr(model, f"{name}_m").load_state_dict(getattr(model, name).state_dict())
+
+
+def register_queues(model: nn.Module, dim: int, size: int) -> None:
+    """Queues of momentum features, [dim, size] as in the released checkpoints, randomly initialised
+    and L2-normalised; idx_queue holds the image id of each entry (retrieval-style positives)."""
+    model.register_buffer("image_queue", F.normalize(torch.randn(dim, size), dim=0))
+    model.register_buffer("text_queue", F.normalize(torch.randn(dim, size), dim=0))
+    model.register_buffer("idx_queue", torch.full((1, size), NO_IMAGE_ID, dtype=torch.long))
+    model.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+
+@torch.no_grad()
+def enqueue(model: nn.Module, image_feat: torch.Tensor, text_feat: torch.Tensor,
+            image_ids: Optional[torch.Tensor] = None) -> None:
+    """Writes the global batch's momentum features at the pointer, wrapping around, so any global
+    batch size up to the queue size works (the batch need not divide the queue). A batch with
+    non-finite features (a corrupt input) is not written: it would poison every later step. Runs
+    without a host sync."""
+    n, size = image_feat.shape[0], model.image_queue.shape[1]
+    if n > size:
+        raise ValueError(f"global batch {n} is larger than the queue ({size})")
+    ok = torch.isfinite(image_feat).all() & torch.isfinite(text_feat).all()
+    slots = (model.queue_ptr + torch.arange(n, device=model.queue_ptr.device)) % size
+    for queue, new in ((model.image_queue, image_feat.t()), (model.text_queue, text_feat.t())):
+        queue[:, slots] = torch.where(ok, new.to(queue.dtype), queue[:, slots])
+    if image_ids is not None:
+        model.idx_queue[0, slots] = torch.where(ok, image_ids, model.idx_queue[0, slots])
+    model.queue_ptr.copy_(torch.where(ok, (model.queue_ptr + n) % size, model.queue_ptr))
 
 
 def local_data(param: nn.Parameter) -> torch.Tensor:
@@ -43,6 +95,8 @@ class MomentumEMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        if not self.pairs:            # a task without momentum distillation
+            return
         # Multi-tensor (foreach) kernels: a few launches for the ~400 tensors instead of two each.
         targets = [local_data(pm) if acc is None else acc for (_, pm), acc in zip(self.pairs, self.fp32)]
         torch._foreach_mul_(targets, self.momentum)

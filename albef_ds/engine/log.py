@@ -1,4 +1,6 @@
-"""Progress line, metrics.jsonl and TensorBoard scalars, written by rank 0."""
+"""Progress line, metrics.jsonl and TensorBoard scalars, written by rank 0, for whatever metrics a
+task reports (by convention its losses are named `loss_*` and its accuracies `*_acc`, which the
+progress line shows)."""
 from __future__ import annotations
 
 import json
@@ -28,18 +30,20 @@ class MetricsLogger:
         record = self._write(step, scalars)
         done = step - self.start_step
         eta = (time.time() - self.started) / max(1, done) * (self.total_steps - step)
-        print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f} (itc {record['loss_itc']:.3f} "
-              f"itm {record['loss_itm']:.3f} mlm {record['loss_mlm']:.3f})  itm_acc {record['itm_acc']:.3f} "
-              f"mlm_acc {record['mlm_acc']:.3f}  lr {record['lr']:.2e}  "
-              f"{record['samples_per_s']:.1f} samples/s  eta {_duration(eta)}", flush=True)
+        losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
+        accuracies = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k.endswith("_acc"))
+        print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}" + (f" ({losses})" if losses else "")
+              + f"{accuracies}  lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
+              f"eta {_duration(eta)}", flush=True)
 
-    def log_eval(self, step: int, metrics: dict) -> None:
-        """Evaluation results: one metrics.jsonl record of `eval/<name>` keys, TensorBoard, a line."""
+    def log_eval(self, step: int, metrics: dict, headline=None) -> None:
+        """Evaluation results: one metrics.jsonl record of `eval/<name>` keys, TensorBoard, and a
+        line of the `headline` metrics (default all)."""
         if not self.enabled:
             return
         self._write(step, {f"eval/{k}": v for k, v in metrics.items()})
-        print(f"eval at step {step}: " + "  ".join(f"{k} {float(v):.2f}" for k, v in metrics.items()
-                                                   if k.startswith(("txt_r", "img_r", "r_mean"))), flush=True)
+        shown = [k for k in (headline or metrics) if k in metrics]
+        print(f"eval at step {step}: " + "  ".join(f"{k} {float(metrics[k]):.2f}" for k in shown), flush=True)
 
     def _write(self, step: int, scalars: dict) -> dict:
         """One metrics.jsonl line and the TensorBoard scalars of a step."""

@@ -1,0 +1,315 @@
+"""Training checkpoints: the writer (every rank at a save), the reader that resumes a run, and the
+reader that consolidates a run into one state dict, side by side.
+
+Layout under `checkpoints/`:
+    <tag>/                   DeepSpeed's files (model states, ZeRO optimizer shards)
+    <tag>/albef_rank<R>.pt   per-rank state: data-stream position, RNG states, momentum partition
+                             (ZeRO-3; with whole weights only rank 0 writes the momentum model)
+    latest                   the newest complete tag; moved only after every rank finished writing
+    best.json                {"tag", "metric", "value"} of the best evaluation
+
+The client state of DeepSpeed's model-states file holds the trainer's counters, the task's
+checkpoint buffers (queues, fp32) and the config. A save that dies half-way leaves `latest` on the
+previous tag, which stays loadable. The newest `keep_last` tags are kept.
+
+Consolidation: the online weights are DeepSpeed's fp32 master weights, consolidated by DeepSpeed's
+own `zero_to_fp32`; the momentum weights come from our rank files (fp32, the EMA's training
+precision; ZeRO-3 partitions are merged here); the buffers and the config from the client state.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..config import Config, ConfigError, load_config
+from ..io import ConversionError, atomic_torch_save, check_readable, torch_load
+from .layout import Layout, _some, model_layout
+
+LATEST = "latest"
+BEST = "best.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rank_file(folder: str, rank: int) -> str:
+    """A tag folder's per-rank state file of `rank`."""
+    return os.path.join(folder, f"albef_rank{rank}.pt")
+
+
+RANK_FILE = re.compile(r"albef_rank\d+\.pt")      # every name rank_file() gives
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict, momentum, keep_last: int) -> str:
+    """Saves on every rank (a collective); returns the tag."""
+    tag = tag_for(step)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    rank = distributed.rank()
+    if momentum.partitioned() or rank == 0:
+        rank_state = {**rank_state, "momentum": momentum.local_state()}
+    atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
+    distributed.barrier()
+    if rank == 0:
+        tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+        _prune(ckpt_dir, keep_last, keep=tag)
+    distributed.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
+    """Removes all but the newest keep_last tags; the best evaluated tag is always kept."""
+    tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, d)))
+    best = best_tag(ckpt_dir)
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        if old not in (keep, best):
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def mark_best(ckpt_dir: str, tag: str, metric: str, value: float) -> None:
+    """Records `tag` as the best checkpoint by `metric` (rank 0 writes, atomically)."""
+    if distributed.rank() == 0:
+        tmp = os.path.join(ckpt_dir, f"{BEST}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"tag": tag, "metric": metric, "value": value}, f)
+        os.replace(tmp, os.path.join(ckpt_dir, BEST))
+    distributed.barrier()
+
+
+def best_tag(ckpt_dir: str):
+    path = os.path.join(ckpt_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["tag"]
+
+
+def latest_tag(ckpt_dir: str):
+    path = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def check_resumable(ckpt_dir: str, tag: str) -> None:
+    """Before anything is built: the tag exists and was written by as many ranks as this run has."""
+    folder = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(folder):
+        there = ", ".join(sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))) or "none"
+        raise ConfigError(f"no checkpoint '{tag}' to resume in {ckpt_dir} (there: {there})")
+    world = distributed.world_size()
+    written = sum(1 for name in os.listdir(folder) if RANK_FILE.fullmatch(name))
+    if written != world:
+        # The data streams' positions, and under ZeRO-3 the momentum partitions, are per rank.
+        raise ConfigError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
+                          f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
+                          f"and start a new run from it with model.init_checkpoint")
+
+
+def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
+    """Loads a tag (checked by check_resumable) on every rank; returns (client_state, this rank's state)."""
+    folder = os.path.join(ckpt_dir, tag)
+    own_file = rank_file(folder, distributed.rank())
+    if not os.path.isfile(own_file):
+        raise FileNotFoundError(f"{own_file} is missing: checkpoint '{tag}' is incomplete")
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {ckpt_dir}")
+    rank_state = torch.load(own_file, weights_only=False)
+    momentum_file = own_file if momentum.partitioned() else rank_file(folder, 0)
+    values = rank_state["momentum"] if "momentum" in rank_state else torch.load(
+        momentum_file, weights_only=False)["momentum"]
+    momentum.load_local_state(values)
+    return client_state, rank_state
+
+
+# ---- consolidation: a training folder as one state dict --------------------------------------------
+
+OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def locate_training_checkpoint(path: str, tag: Optional[str] = None) -> tuple[str, str]:
+    """(checkpoints folder, tag) for DIR, DIR/checkpoints or DIR/checkpoints/<tag>."""
+    path = os.path.abspath(path)
+    if any(n.endswith("_model_states.pt") for n in os.listdir(path)):      # a tag folder itself
+        ckpt_dir, own = os.path.split(path)
+        if tag is not None and tag != own:
+            raise ConversionError(f"'{path}' is checkpoint '{own}', but --tag says '{tag}'")
+        return ckpt_dir, own
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        ckpt_dir = path
+    tags = _tags(ckpt_dir)
+    latest = os.path.join(ckpt_dir, LATEST)
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            if not tags:
+                raise ConversionError(f"no training checkpoint in '{path}': no 'latest' file and no checkpoint "
+                                      f"folders in '{ckpt_dir}'")
+            raise ConversionError(f"'{ckpt_dir}' has no 'latest' file: name a checkpoint with --tag "
+                                  f"(there: {', '.join(tags)})")
+        if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            raise ConversionError(f"'{latest}' names checkpoint '{tag}', which is not in '{ckpt_dir}'")
+    elif not tag or os.sep in tag or tag in (".", "..") or not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        raise ConversionError(f"no checkpoint tag '{tag}' in '{ckpt_dir}' (there: {', '.join(tags) or 'none'})")
+    return ckpt_dir, tag
+
+
+def _tags(ckpt_dir: str) -> list:
+    """Sub-folders that hold a DeepSpeed checkpoint."""
+    return sorted(n for n in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, n))
+                  and any(f.endswith("_model_states.pt") for f in os.listdir(os.path.join(ckpt_dir, n))))
+
+
+def read_training(path: str, tag: Optional[str] = None) -> tuple[dict, Config, str]:
+    """(state dict in our layout, the run's config, a description of the source) of a training
+    checkpoint: DIR, DIR/checkpoints or DIR/checkpoints/<tag>; the tag `latest` names by default."""
+    ckpt_dir, tag = locate_training_checkpoint(path, tag)
+    folder = os.path.join(ckpt_dir, tag)
+    source = f"checkpoint '{tag}' in {ckpt_dir}"
+    candidates = [os.path.join(folder, n) for n in ("mp_rank_00_model_states.pt",
+                                                   "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    states_file = next((p for p in candidates if os.path.isfile(p)), None)
+    if states_file is None:
+        raise ConversionError(f"{source}: missing file: no DeepSpeed model states "
+                              f"({' or '.join(candidates)})")
+    states = torch_load(states_file, trusted=True)
+    if not isinstance(states, dict) or "config" not in states:
+        raise ConversionError(f"{states_file} holds no 'config' in its client state: not written by the "
+                              "ALBEF-DS trainer")
+    cfg = stored_config(states["config"], states_file)
+    stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    world = int(states.get("dp_world_size") or 1)
+    layout = model_layout(cfg)
+
+    present = os.listdir(folder)
+    optim = {int(m.group(1)): os.path.join(folder, n) for n in present if (m := OPTIM_FILE.match(n))}
+    needed = [rank_file(folder, 0)]
+    if stage >= 1:
+        needed += [optim.get(r, os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+                   for r in range(world)]
+    if stage == 3:
+        needed += [os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world)]
+        needed += [rank_file(folder, r) for r in range(1, world)]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise ConversionError(f"{source} is incomplete (written by {world} ranks, ZeRO stage {stage}): "
+                              f"missing file{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    for p in needed:
+        check_readable(p)
+
+    buffers = states.get("buffers") or {}
+    if stage == 0:
+        online = dict(states["module"])       # no ZeRO: DeepSpeed saved the module as trained
+    else:
+        online = _deepspeed_fp32_weights(ckpt_dir, tag, source)
+    del states
+    momentum = _merge_momentum(folder, world, stage == 3, layout)
+
+    state = {}
+    for key in layout.keys:
+        if key in layout.buffers:
+            if key not in buffers:
+                raise ConversionError(f"{source}: the client state lacks the buffer '{key}'")
+            state[key] = buffers[key]
+        elif key in momentum:
+            state[key] = momentum[key]
+        elif key in online:
+            state[key] = online[key]
+        else:
+            raise ConversionError(f"{source}: the consolidated weights lack '{key}'")
+    extra = [k for k in online if k not in layout.shapes]
+    if extra:
+        raise ConversionError(f"{source}: weights the saved config's model lacks: {_some(extra)}")
+    return state, cfg, source
+
+
+def _deepspeed_fp32_weights(ckpt_dir: str, tag: str, source: str) -> dict:
+    """The fp32 master weights (and buffers), by DeepSpeed's own consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    except Exception as exc:
+        raise ConversionError(f"{source}: DeepSpeed could not consolidate the weights: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) -> dict:
+    """The fp32 momentum weights by name. Whole tensors from rank 0's file, or (ZeRO-3) every
+    rank's flat partition of each parameter, ceil(numel / world) elements padded at the end."""
+    names = layout.momentum_names
+    ranks = range(world) if partitioned else range(1)
+    values = []
+    for r in ranks:
+        path = rank_file(folder, r)
+        rank_state = torch_load(path, trusted=True)
+        tensors = rank_state.get("momentum") if isinstance(rank_state, dict) else None
+        if tensors is None:
+            raise ConversionError(f"{path} holds no momentum weights")
+        if len(tensors) != len(names):
+            raise ConversionError(f"{path} holds {len(tensors)} momentum tensors, the model {len(names)}")
+        values.append(tensors)
+    merged = {}
+    for i, name in enumerate(names):
+        shape = layout.shapes[name]
+        numel = shape.numel()
+        if not partitioned:
+            value = values[0][i]
+            if value.numel() != numel:
+                raise ConversionError(f"{rank_file(folder, 0)}: momentum tensor {i} ({name}) has "
+                                      f"{value.numel()} elements, the model {numel}")
+            merged[name] = value.float().reshape(shape)
+            continue
+        part = math.ceil(numel / world)
+        for r in ranks:
+            if values[r][i].numel() != part:
+                raise ConversionError(f"{rank_file(folder, r)}: momentum partition of {name} has "
+                                      f"{values[r][i].numel()} elements, expected {part} ({numel} over "
+                                      f"{world} ranks)")
+        merged[name] = torch.cat([v[i].reshape(-1) for v in values]).float()[:numel].reshape(shape)
+    return merged
+
+
+
+
+def stored_config(values, path: str) -> Config:
+    """The config stored with a checkpoint (ConversionError naming the file if absent or invalid)."""
+    if values is None:
+        raise ConversionError(f"{path}: the file stores no config")
+    try:
+        return load_config(values)
+    except ConfigError as exc:
+        raise ConversionError(f"{path}: its stored config is invalid: {exc}") from None

@@ -1,0 +1,114 @@
+"""Every start-up check, in one place, before anything is built: a run that cannot finish stops
+now with one error naming the key, file or numbers, not thousands of steps in.
+
+Checks: the config's ranges; the task's own checks; the metric that picks the best checkpoint;
+the tokenizer against the model's special ids and the corpora (when the run reads data); the
+DeepSpeed config
+against the project config; the output folder; the checkpoint to resume (present, same number of
+ranks); and the evaluation data (read now when evaluations are due).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .. import distributed as dist
+from ..checkpoint import training as ckpt
+from ..config import Config, ConfigError, check_config
+from ..tasks import get_task
+from ..tasks.base import Task
+from .ds_config import resolve_ds_config
+
+
+@dataclass
+class Plan:
+    """What the build step builds from: the checked config and task, the resolved ds config, where
+    to write, what to resume and the evaluator (its data read)."""
+    cfg: Config
+    task: Task
+    ds_config: dict
+    output_dir: str
+    ckpt_dir: str
+    resume_tag: Optional[str]
+    evaluator: object = None
+
+
+def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume: Optional[str] = None,
+              reads_data: bool = True) -> Plan:
+    """Runs every check (raising ConfigError) and returns the Plan. `resume`: None (fresh), ""
+    (latest if there is one, else fresh) or a tag. A collective when evaluations are due on the
+    generated corpus (rank 0 writes it)."""
+    check_config(cfg)
+    task = get_task(cfg)
+    task.check(dist.world_size())
+    check_select_metric(cfg, task)
+    if reads_data:
+        check_tokenizer(cfg)
+        check_corpora(cfg)
+    ds = resolve_ds_config(ds_config, cfg, dist.world_size())
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    try:      # now, not at the first save thousands of steps in
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the checkpoint folder {ckpt_dir} (output_dir {output_dir}): {exc}") from None
+    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"the checkpoint folder {ckpt_dir} (output_dir {output_dir}) is not writable")
+    resume_tag = _resume_tag(ckpt_dir, resume)
+    if resume_tag is not None:
+        ckpt.check_resumable(ckpt_dir, resume_tag)
+        if cfg.model.init_checkpoint:
+            # the checkpoint being resumed holds every weight: the init file is not read (or needed)
+            cfg = copy.deepcopy(cfg)
+            cfg.model.init_checkpoint = None
+            task = get_task(cfg)
+    evaluator = task.evaluator(output_dir) if cfg.eval.every_epochs else None
+    return Plan(cfg, task, ds, output_dir, ckpt_dir, resume_tag, evaluator)
+
+
+def check_select_metric(cfg: Config, task: Task) -> None:
+    """The metric that picks the best checkpoint is one the task's evaluation reports."""
+    name = select_metric(cfg, task)
+    if cfg.eval.every_epochs and name not in task.eval_metrics:
+        raise ConfigError(f"eval.select_metric '{name}' is not a reported metric "
+                          f"({', '.join(task.eval_metrics) or 'task ' + task.name + ' has no evaluation'})")
+
+
+def select_metric(cfg: Config, task: Task) -> str:
+    return cfg.eval.select_metric or task.select_metric
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """The tokenizer's special ids and vocabulary agree with model.text."""
+    from ..tokenizer import build_tokenizer
+
+    t = cfg.model.text
+    tokenizer = build_tokenizer(t.tokenizer)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+           "mask_token_id": tokenizer.mask_token_id, "sep_token_id": tokenizer.sep_token_id}
+    wrong = {k: (v, getattr(t, k)) for k, v in ids.items() if v != getattr(t, k)}
+    if wrong or len(tokenizer) > t.vocab_size:
+        raise ConfigError(f"tokenizer '{t.tokenizer}' disagrees with model.text: "
+                          + ", ".join(f"{k} is {a}, config says {b}" for k, (a, b) in wrong.items())
+                          + (f" vocabulary {len(tokenizer)} > vocab_size {t.vocab_size}" if len(tokenizer) > t.vocab_size else ""))
+
+
+def check_corpora(cfg: Config) -> None:
+    """Every configured corpus resolves to shards (or annotation files) with a sample count."""
+    from ..data.shards import resolve_corpora
+
+    if cfg.data.corpora or cfg.data.synthetic is None:
+        try:
+            resolve_corpora(cfg.data.corpora)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.corpora: {exc}") from None
+
+
+def _resume_tag(ckpt_dir: str, resume: Optional[str]) -> Optional[str]:
+    if resume is None or resume:
+        return resume
+    tag = ckpt.latest_tag(ckpt_dir)
+    if tag is None and dist.rank() == 0:
+        print(f"no checkpoint in {ckpt_dir}: starting fresh", flush=True)
+    return tag

@@ -1,0 +1,317 @@
+"""The one training loop. It knows no task: it calls the parts the build step made.
+
+Flow of one optimizer step (gradient accumulation of `grad_accum` micro-batches):
+    batch -> task model forward (loss, metrics) -> agreement of all ranks -> engine.backward ->
+    engine.step -> model.after_micro_batch (queue writes); once the step is applied: momentum EMA
+    (shard-local), clamps of the task's clamped parameters, lr for the next step
+    -> metrics (rank 0) -> evaluation every eval.every_epochs -> checkpoint every save_every steps,
+    at the end, or on SIGUSR1/SIGTERM.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import time
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import training as ckpt
+from ..config import Config
+from ..optim import lr_at
+from ..tasks.base import StepContext
+from . import zero
+from .build import build
+from .log import MetricsLogger
+from .preflight import preflight, select_metric
+
+EXIT_REQUEUE = 124      # saved on SIGUSR1: the Slurm template requeues the job
+EXIT_TERMINATED = 143   # saved on SIGTERM
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: Union[str, dict], output_dir: str,
+                 resume: Optional[str] = None, batches: Optional[Iterable[dict]] = None,
+                 steps_per_epoch: Optional[int] = None, client_optimizer=None):
+        """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag.
+        `batches`: any iterable of batches instead of the configured data stream (tests, bench).
+        `client_optimizer(param_groups)`: an optimizer of one's own instead of the ds config's
+        (the benchmark's baseline uses torch.optim.AdamW)."""
+        # Handlers first: a SIGUSR1 while starting up is acted on at the first step, not fatal.
+        # A start that fails gives them back (else SIGTERM would only set a flag nobody reads).
+        self._signal = None
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            self._start(cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _start(self, cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer) -> None:
+        self.owns_process_group = dist.init_distributed()
+        plan = preflight(cfg, ds_config, output_dir, resume, reads_data=batches is None)
+        parts = build(plan, batches, steps_per_epoch, client_optimizer)
+        self.cfg, self.task, self.output_dir, self.ckpt_dir = parts.cfg, plan.task, output_dir, plan.ckpt_dir
+        self.ds_config, self.evaluator = plan.ds_config, plan.evaluator
+        self.engine, self.model, self.momentum = parts.engine, parts.model, parts.momentum
+        self.stream, self.batches = parts.stream, parts.batches
+        self.steps_per_epoch, self.total_steps = parts.steps_per_epoch, parts.total_steps
+        self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+        self.clamped = {name: (dict(self.model.named_parameters())[name], bounds)
+                        for name, bounds in self.model.clamped_parameters().items()}
+        self.step = 0                 # optimizer steps applied
+        self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.best = None              # (metric value, tag) of the best evaluation so far
+        self.log = None
+        self.agreed_signal = None     # the signal a rank received, once all ranks know it
+        self.applied_norm = None      # (step, global gradient norm) of the last applied step
+        self.saved_step = None        # the step of the last checkpoint this run saved or resumed
+        if plan.resume_tag is not None:
+            self._resume(plan.resume_tag)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self) -> str:
+        """Saves this step's checkpoint, once: a best evaluation on a save step or on the last
+        step asks again, with nothing changed since."""
+        if self.saved_step == self.step:
+            return ckpt.tag_for(self.step)
+        self._check_applied_norm()
+        buffers = dict(self.model.named_buffers())
+        client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
+                  "best": self.best,
+                  "buffers": {k: buffers[k].detach().cpu() for k in self.model.checkpoint_buffers()},
+                  "config": self.cfg.to_dict()}
+        rank_state = {"rng": ckpt.rng_state(),
+                      "data": self.stream.state_dict() if self.stream is not None else None}
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.momentum,
+                        self.cfg.train.keep_last)
+        self.saved_step = self.step
+        if dist.rank() == 0:
+            print(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}", flush=True)
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        client, rank_state = ckpt.load(self.engine, self.ckpt_dir, tag, self.momentum)
+        self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
+        # the best as of the resumed step (best.json may name a later tag of an abandoned branch)
+        self.best = client.get("best")
+        self.saved_step = self.step
+        buffers = dict(self.model.named_buffers())
+        for name, value in client["buffers"].items():
+            buffers[name].copy_(value)
+        ckpt.set_rng_state(rank_state["rng"])
+        if self.stream is not None and rank_state["data"] is not None:
+            self.stream.load_state_dict(rank_state["data"])
+        if dist.rank() == 0:
+            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval.every_epochs
+        return every > 0 and self.step % (every * self.steps_per_epoch) == 0
+
+    def evaluate(self) -> dict:
+        """The task's evaluation of the model as it is; a collective: every rank calls it and gets
+        the same metrics."""
+        if self.evaluator is None:
+            self.evaluator = self.task.evaluator(self.output_dir)
+        return self.evaluator(zero.inference_model(self.engine, self.task))
+
+    def _evaluate_and_keep_best(self) -> None:
+        metrics = self.evaluate()
+        name = select_metric(self.cfg, self.task)
+        self.log.log_eval(self.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                          getattr(self.evaluator, "headline", None))
+        if self.best is None or metrics[name] > self.best[0]:
+            # set first: the checkpoint being saved records itself as the best
+            self.best = (metrics[name], ckpt.tag_for(self.step))
+            ckpt.mark_best(self.ckpt_dir, self.save(), name, metrics[name])
+
+    # ---- signals -------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _agree(self, loss: torch.Tensor) -> bool:
+        """The step's one wait for the device: after the forward pass, every rank learns at once
+        whether any rank's loss is non-finite (to skip it everywhere), which signal any rank
+        received (ranks may receive it at different steps) and whether the last applied gradient
+        norm was non-finite (read here, not right after the step, which would be a second wait).
+        True: the loss is finite on every rank."""
+        flags = torch.zeros(3, device=loss.device)
+        flags[0] = ~torch.isfinite(loss.detach())
+        flags[1] = self._signal or 0
+        flags[2] = self._applied_norm_is_bad()
+        if dist.is_distributed():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_loss, signum, bad_norm = flags.tolist()
+        if bad_norm:
+            self._raise_non_finite_norm()
+        self.agreed_signal = max(self.agreed_signal or 0, int(signum)) or None
+        return not bad_loss
+
+    def _micro_step(self, batch: dict, phase) -> Optional[dict]:
+        """Forward, and backward unless the loss is non-finite on any rank. Returns the metrics."""
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.micro_seen)
+        self.micro_seen += 1
+        with phase("forward"):
+            loss, metrics = self.engine(self._to_device(batch), StepContext(self.step, self.steps_per_epoch, generator))
+        with phase("agreement"):
+            finite = self._agree(loss)
+        if not finite:
+            self.bad_in_row += 1
+            self.bad_total += 1
+            if dist.rank() == 0:
+                print(f"warning: non-finite loss at step {self.step + 1} (batch keys "
+                      f"{list(batch.get('keys', []))[:3]}...), skipped ({self.bad_in_row} in a row, "
+                      f"{self.bad_total} in all)", flush=True)
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_in_row} non-finite losses in a row (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); stopping. The last good checkpoint in "
+                    f"{self.ckpt_dir} is intact: lower train.lr or check the data, then --resume.")
+            return None
+        self.bad_in_row = 0
+        with phase("backward"):
+            self.engine.backward(loss)
+        with phase("optimizer"):
+            self.engine.step()
+            self.model.after_micro_batch()
+        return {"loss": loss.detach().float(),
+                **{k: torch.as_tensor(v, device=loss.device).detach().float() for k, v in metrics.items()}}
+
+    # Under bf16 the shipped ds configs turn off DeepSpeed's per-tensor overflow check (a quarter
+    # of an H100 step), so a non-finite gradient behind a finite loss is applied. The global
+    # gradient norm, the same on every rank, shows it: it is kept (on the device) after each
+    # applied step and checked at the next forward pass's agreement and before every save, so
+    # every rank stops before a checkpoint could hold the damaged weights.
+    def _applied_norm_is_bad(self) -> Union[torch.Tensor, bool]:
+        if self.applied_norm is None:
+            return False
+        norm = self.applied_norm[1]
+        return ~torch.isfinite(norm) if torch.is_tensor(norm) else not math.isfinite(norm)
+
+    def _check_applied_norm(self) -> None:
+        if bool(self._applied_norm_is_bad()):
+            self._raise_non_finite_norm()
+
+    def _raise_non_finite_norm(self) -> None:
+        step, norm = self.applied_norm
+        raise RuntimeError(
+            f"non-finite gradient norm ({float(norm)}) at step {step} with a finite loss: "
+            f"the update reached the weights, so training stops before saving them. Resume from the "
+            f"last checkpoint in {self.ckpt_dir} (--resume); if it recurs at the same step, check "
+            f"the data or lower train.lr, or set bf16.check_grad_overflow=true in the ds config to "
+            f"skip such steps instead (slower).")
+
+    def _set_lr(self) -> float:
+        lr = lr_at(self.step, self.cfg.train, self.steps_per_epoch)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, data, phase=None) -> tuple[dict, float, float, float]:
+        """One optimizer step over grad_accum finite micro-batches drawn from `data`.
+        Returns (mean metrics, lr, seconds, seconds spent waiting for data). `phase(name)`: a
+        context manager around each phase of the step (data, forward, agreement, backward,
+        optimizer, after_step), for the benchmark's step split."""
+        phase = phase or (lambda name: contextlib.nullcontext())
+        lr = self._set_lr()
+        started, waited, sums, done = time.perf_counter(), 0.0, {}, 0
+        while done < self.cfg.train.grad_accum:
+            t = time.perf_counter()
+            with phase("data"):
+                batch = next(data)
+            waited += time.perf_counter() - t
+            out = self._micro_step(batch, phase)
+            if out is None:
+                continue
+            done += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v / self.cfg.train.grad_accum
+        if self.engine.was_step_applied():
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                self.applied_norm = (self.step + 1, norm)
+            with phase("after_step"):
+                self.momentum.update()
+                for param, bounds in self.clamped.values():
+                    zero.clamp_master_(param, *bounds)
+        self.step += 1
+        return sums, lr, time.perf_counter() - started, waited
+
+    def train(self) -> int:
+        """Runs to total_steps; returns a process exit code (0, or EXIT_REQUEUE / EXIT_TERMINATED
+        after saving on a signal)."""
+        self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
+        data = iter(self.batches)
+        try:
+            while self.step < self.total_steps:
+                sums, lr, elapsed, waited = self.train_step(data)
+                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self._log(sums, lr, elapsed, waited)
+                if self._eval_due():
+                    self._evaluate_and_keep_best()
+                received = self.agreed_signal
+                if received:
+                    self.save()
+                    self.log.note(f"received {signal.Signals(received).name}: saved at step {self.step}, exiting")
+                    return EXIT_REQUEUE if received == signal.SIGUSR1 else EXIT_TERMINATED
+                if self.step % self.cfg.train.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+            self.save()
+            return 0
+        finally:
+            self._restore_signal_handlers()
+            self.log.close()
+
+    def _restore_signal_handlers(self) -> None:
+        for s, handler in self._previous_handlers.items():
+            signal.signal(s, handler)
+
+    def close(self) -> None:
+        """Tears down in order, every rank together: the signal handlers installed at start-up
+        (also for a Trainer never trained), DeepSpeed's hooks and buffers, then the process group
+        if this Trainer started it (one started by the caller serves on, e.g. for another
+        Trainer). Left to interpreter exit, a rank sometimes aborted there ("terminate called
+        without an active exception", 1 run in 8 of tools/bench.py)."""
+        self._restore_signal_handlers()
+        dist.barrier()
+        self.engine.destroy()
+        if self.owns_process_group:
+            dist.shutdown()
+
+    def _log(self, sums: dict, lr: float, elapsed: float, waited: float) -> None:
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()
+        keys = list(sums)             # the task's order; the same on every rank
+        values = torch.stack([sums[k] for k in keys]).to(self.device)
+        if dist.is_distributed():
+            torch.distributed.all_reduce(values)
+            values /= dist.world_size()
+        scalars = dict(zip(keys, values.tolist()))
+        grad_norm = self.engine.get_global_grad_norm()
+        if torch.cuda.is_available():
+            peak_gb = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        scalars.update({name: float(zero.master_value(param).reshape(-1)[0]) for name, (param, _) in self.clamped.items()})
+        scalars.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       samples_per_s=global_batch / elapsed, step_time_s=elapsed,
+                       data_wait_fraction=waited / elapsed, peak_memory_gb=peak_gb,
+                       nonfinite_skipped=self.bad_total)
+        if self.stream is not None:
+            stats = self.stream.stats()
+            counts = torch.tensor([float(stats[k]) for k in sorted(stats)], device=self.device)
+            if dist.is_distributed():
+                torch.distributed.all_reduce(counts)
+            scalars.update({f"data_skipped/{k}": v for k, v in zip(sorted(stats), counts.tolist())})
+        self.log.log(self.step, scalars)

@@ -1,0 +1,1 @@
+"""Evaluation: recall metrics, the retrieval protocol, the shapes probe; each task's evaluator."""

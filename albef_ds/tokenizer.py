@@ -1,4 +1,5 @@
-"""Caption cleaning and tokenization (BERT WordPiece through transformers)."""
+"""Caption cleaning and tokenization (BERT WordPiece through transformers), as ALBEF's recipe has
+them: released checkpoints were trained and are evaluated on exactly these inputs."""
 from __future__ import annotations
 
 import inspect
@@ -6,18 +7,21 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from transformers import BertTokenizerFast
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-_PUNCTUATION = re.compile(r"[^\w\s]")
-_SPACES = re.compile(r"\s+")
+_DELETED = re.compile(r"[,.'!?\"()*#:;~]")      # deleted, not replaced: "man's" -> "mans"
+_SPACE_RUNS = re.compile(r"\s{2,}")
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
-    """ALBEF's caption normalisation: lower-case, punctuation dropped, at most `max_words` words."""
-    text = _PUNCTUATION.sub(" ", caption.lower())
-    words = _SPACES.sub(" ", text).strip().split(" ")
+    """ALBEF's caption normalisation: lower-case; `,.'!?"()*#:;~` deleted; `-` and `/` become
+    spaces, `<person>` "person"; runs of spaces collapsed; at most `max_words` words. Every
+    other symbol stays (the tokenizer splits it off)."""
+    text = _DELETED.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    words = _SPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ").split(" ")
     return " ".join(words[:max_words])
 
 
@@ -40,7 +44,13 @@ def build_tokenizer(name_or_path: str) -> BertTokenizerFast:
 
 
 def tokenize(tokenizer: BertTokenizerFast, captions: list[str], max_length: int):
-    """Pads every batch to `max_length` so that text tensors have one shape on every rank."""
-    out = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return out["input_ids"], out["attention_mask"]
+    """(input_ids, attention_mask) [N, max_length]: `[CLS] w1 ... wn` and padding, with NO trailing
+    `[SEP]`, as ALBEF's tokenizer writes a single sentence (text that needs one, a VQA answer,
+    carries "[SEP]" itself). Every batch is padded to `max_length` so that text tensors have one
+    shape on every rank."""
+    out = tokenizer(captions, add_special_tokens=False, padding="max_length", truncation=True,
+                    max_length=max_length - 1, return_tensors="pt")
+    n = out["input_ids"].shape[0]
+    ids = torch.cat([torch.full((n, 1), tokenizer.cls_token_id), out["input_ids"]], 1)
+    mask = torch.cat([torch.ones(n, 1, dtype=out["attention_mask"].dtype), out["attention_mask"]], 1)
+    return ids, mask

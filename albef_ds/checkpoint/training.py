@@ -52,10 +52,13 @@ def rank_file(folder: str, rank: int) -> str:
 RANK_FILE = re.compile(r"albef_rank\d+\.pt")      # every name rank_file() gives
 
 
-# What DeepSpeed's own checkpoint files hold beyond tensors and plain containers: its loss scaler
-# (a plain object of numbers). Reading a training folder allows these and nothing else.
+# What DeepSpeed's own checkpoint files hold beyond tensors and plain containers: its loss scaler,
+# the ZeRO stage (an enum) and partition addresses (numbers), no code. Reading a training folder
+# allows these and nothing else.
 DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                           "deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def deepspeed_state_classes() -> tuple:
@@ -212,7 +215,7 @@ def _tags(ckpt_dir: str) -> list:
 def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -> tuple[dict, Config, str]:
     """(state dict in our layout, the run's config, a description of the source) of a training
     checkpoint: DIR, DIR/checkpoints or DIR/checkpoints/<tag>; the tag `latest` names by default.
-    Every file is unpickled weights-only first (DeepSpeed's loss scaler allowed), unless `trusted`:
+    Every file is unpickled weights-only first (DEEPSPEED_STATE_CLASSES allowed), unless `trusted`:
     DeepSpeed's consolidation, which reads them again without that check, then meets no surprise."""
     ckpt_dir, tag = locate_training_checkpoint(path, tag)
     folder = os.path.join(ckpt_dir, tag)

@@ -1,6 +1,8 @@
 """Small builders shared by the tests (not fixtures, so subprocess workers can import them too)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from albef_ds.config import load_config
@@ -44,6 +46,32 @@ def caption_stream(data_cfg, img_size, tokenizer, batch_size, rank=0, world_size
     codec = CaptionCodec(tokenizer, build_transform(img_size, data_cfg.augment, data_cfg.crop_scale), data_cfg.max_words,
                          data_cfg.max_tokens, image_ids=image_ids)
     return ShardStream(data_cfg, codec, batch_size, rank, world_size, seed)
+
+
+GLOBAL_BATCH = 8        # the engine tests' global batch, split over however many ranks
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def ds_config(stage):
+    return os.path.join(DS_CONFIGS, f"zero{stage}.json")
+
+
+def engine_cfg(world, *extra):
+    """The tiny config for engine tests: a small queue, GLOBAL_BATCH over `world` ranks, a log line
+    every step, no periodic save."""
+    return load_config("tiny", ["model.queue_size=64", f"train.batch_size={GLOBAL_BATCH // world}",
+                                "train.log_every=1", "train.save_every=1000", "train.warmup_steps=2",
+                                "train.lr=0.001", *extra])
+
+
+def global_batches(cfg, rank, world, start=0):
+    """Global batches start, start + 1, ... (the same whatever the world size); each rank its slice."""
+    step, b = start, GLOBAL_BATCH // world
+    while True:
+        images, ids, mask = tiny_batch(cfg.model, GLOBAL_BATCH, seed=step)
+        part = slice(rank * b, (rank + 1) * b)
+        yield {"image": images[part], "input_ids": ids[part], "attention_mask": mask[part]}
+        step += 1
 
 
 def tiny_model_config(**overrides):

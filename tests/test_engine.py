@@ -12,34 +12,9 @@ from albef_ds.config import ConfigError, load_config
 from albef_ds.engine import EXIT_REQUEUE, Trainer, resolve_ds_config
 from albef_ds.engine.preflight import check_select_metric
 from albef_ds.tasks import get_task
-from helpers import run_ranks, tiny_batch
+from helpers import GLOBAL_BATCH, ds_config, engine_cfg, global_batches, run_ranks
 
 pytestmark = pytest.mark.slow
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLOBAL_BATCH = 8
-
-
-def ds_config(stage):
-    return os.path.join(ROOT, "ds_configs", f"zero{stage}.json")
-
-
-def tiny_cfg(world, *extra):
-    return load_config("tiny", ["model.queue_size=64", f"train.batch_size={GLOBAL_BATCH // world}",
-                                "train.log_every=1", "train.save_every=1000", "train.warmup_steps=2",
-                                "train.lr=0.001", *extra])
-
-
-def fixed_batches(cfg, rank, world):
-    """The same global batches for any world size; each rank yields its slice."""
-    step = 0
-    b = GLOBAL_BATCH // world
-    while True:
-        images, ids, mask = tiny_batch(cfg.model, GLOBAL_BATCH, seed=step)
-        part = slice(rank * b, (rank + 1) * b)
-        yield {"image": images[part], "input_ids": ids[part], "attention_mask": mask[part]}
-        step += 1
-
 
 def mean_over_ranks(value):
     t = torch.tensor([float(value)])
@@ -48,8 +23,8 @@ def mean_over_ranks(value):
 
 
 def trajectory_fn(rank, world, stage, steps, out_dir):
-    cfg = tiny_cfg(world)
-    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world)
+    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=global_batches(cfg, rank, world))
     data = iter(trainer.batches)
     losses = [mean_over_ranks(trainer.train_step(data)[0]["loss"]) for _ in range(steps)]
     trainer.close()
@@ -69,8 +44,8 @@ def test_zero_stages_on_two_ranks_follow_one_process(tmp_path):
 def momentum_fn(rank, world, steps, out_dir):
     import deepspeed
 
-    cfg = tiny_cfg(world, "model.momentum=0.9")
-    trainer = Trainer(cfg, ds_config(3), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world, "model.momentum=0.9")
+    trainer = Trainer(cfg, ds_config(3), out_dir, batches=global_batches(cfg, rank, world))
     pairs = trainer.momentum.pairs
     online = [p for p, _ in pairs]
     momentum = [pm for _, pm in pairs]
@@ -104,13 +79,13 @@ def test_momentum_model_is_sharded_under_zero3_and_equals_fp32_ema(tmp_path):
 
 def resume_fn(rank, world, stage, corpus, out_dir):
     extra = [f"data.corpora={json.dumps(corpus)}", "data.workers=1", "train.save_every=3"]
-    full = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/full")
+    full = Trainer(engine_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/full")
     assert full.train() == 0
     full.close()
-    first = Trainer(tiny_cfg(world, "train.max_steps=3", *extra), ds_config(stage), f"{out_dir}/split")
+    first = Trainer(engine_cfg(world, "train.max_steps=3", *extra), ds_config(stage), f"{out_dir}/split")
     assert first.train() == 0
     first.close()
-    second = Trainer(tiny_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/split", resume="")
+    second = Trainer(engine_cfg(world, "train.max_steps=6", *extra), ds_config(stage), f"{out_dir}/split", resume="")
     assert second.step == 3
     assert second.train() == 0
     second.close()
@@ -141,28 +116,28 @@ def test_stop_and_resume_gives_the_uninterrupted_losses(tmp_path, stage, shapes_
 
 
 def test_batch_sizes_that_disagree_with_the_world_size_fail_before_training():
-    cfg = tiny_cfg(2)
+    cfg = engine_cfg(2)
     ds = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}
     with pytest.raises(ConfigError, match=r"train_batch_size=16 but micro batch 4 x accumulation 1 x world size 2 = 8"):
         resolve_ds_config(ds, cfg, 2)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 disagrees"):
         resolve_ds_config({"train_micro_batch_size_per_gpu": 8}, cfg, 2)
     with pytest.raises(ConfigError, match="global batch 128 .* larger than model.queue_size 64"):
-        get_task(tiny_cfg(1, "train.batch_size=64")).check(2)
+        get_task(engine_cfg(1, "train.batch_size=64")).check(2)
     resolved = resolve_ds_config(ds_config(2), cfg, 2)
     assert resolved["train_batch_size"] == 8 and resolved["optimizer"]["params"]["weight_decay"] == 0.02
 
 
 def unknown_metric_fn(rank, world, out_dir):
-    cfg = tiny_cfg(world, "eval.every_epochs=1", "eval.select_metric=r_meen")
+    cfg = engine_cfg(world, "eval.every_epochs=1", "eval.select_metric=r_meen")
     with pytest.raises(ConfigError) as error:
-        Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+        Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world))
     return str(error.value)
 
 
 def test_an_unknown_selection_metric_fails_before_training(tmp_path):
     def check(*overrides):
-        cfg = tiny_cfg(1, *overrides)
+        cfg = engine_cfg(1, *overrides)
         check_select_metric(cfg, get_task(cfg))
 
     check("eval.every_epochs=1", "eval.select_metric=itc_img_r1")
@@ -180,13 +155,13 @@ def bad_eval_data_fn(rank, world, out_dir):
         f.write('[{"image": "a.jpg", "caption": ["a red circle"]')          # cut short
     errors = []
     for data in (f"{out_dir}/missing.json", f"{out_dir}/broken.json", f"{out_dir}/missing-{{0..1}}.tar"):
-        cfg = tiny_cfg(world, "eval.every_epochs=1", f"eval.data=['{data}']")
+        cfg = engine_cfg(world, "eval.every_epochs=1", f"eval.data=['{data}']")
         with pytest.raises(ConfigError) as error:
-            Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+            Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world))
         errors.append(str(error.value))
-    cfg = tiny_cfg(world)
+    cfg = engine_cfg(world)
     with pytest.raises(ConfigError) as error:          # an output_dir where a file is
-        Trainer(cfg, ds_config(2), f"{out_dir}/broken.json", batches=fixed_batches(cfg, rank, world))
+        Trainer(cfg, ds_config(2), f"{out_dir}/broken.json", batches=global_batches(cfg, rank, world))
     errors.append(str(error.value))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # the failed starts gave their handlers back
     return errors
@@ -207,7 +182,7 @@ def test_zero2_reduction_settings_follow_the_world_size():
     def reduction(world, **zero):
         ds = json.load(open(ds_config(2)))
         ds["zero_optimization"].update(zero)
-        z = resolve_ds_config(ds, tiny_cfg(world), world)["zero_optimization"]
+        z = resolve_ds_config(ds, engine_cfg(world), world)["zero_optimization"]
         return z["overlap_comm"], z["contiguous_gradients"]
 
     assert reduction(1) == (False, False) and reduction(2) == (True, True)
@@ -215,10 +190,10 @@ def test_zero2_reduction_settings_follow_the_world_size():
 
 
 def nan_fn(rank, world, out_dir, poison):
-    cfg = tiny_cfg(world, "train.max_bad_steps=3")
+    cfg = engine_cfg(world, "train.max_bad_steps=3")
 
     def batches():
-        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
+        for i, batch in enumerate(global_batches(cfg, rank, world)):
             if i in poison:
                 batch["image"][0, 0, 0, 0] = float("nan")
             yield batch
@@ -243,10 +218,10 @@ def test_non_finite_loss_is_skipped_and_counted_and_too_many_stop_the_run(tmp_pa
 
 
 def signal_fn(rank, world, out_dir):
-    cfg = tiny_cfg(world, "train.max_steps=6")
+    cfg = engine_cfg(world, "train.max_steps=6")
 
     def batches():
-        for i, batch in enumerate(fixed_batches(cfg, rank, world)):
+        for i, batch in enumerate(global_batches(cfg, rank, world)):
             if i == 2:
                 os.kill(os.getpid(), signal.SIGUSR1)       # as Slurm does before the time limit
             yield batch
@@ -254,7 +229,7 @@ def signal_fn(rank, world, out_dir):
     stopped = Trainer(cfg, ds_config(2), out_dir, batches=batches())
     code = stopped.train()
     stopped.close()
-    resumed = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world), resume="")
+    resumed = Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world), resume="")
     start = resumed.step
     final = resumed.train()
     resumed.close()
@@ -270,8 +245,8 @@ def test_sigusr1_saves_and_exits_for_requeue_then_resumes(tmp_path):
 
 
 def save_twice_fn(rank, world, out_dir):
-    cfg = tiny_cfg(world)
-    trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world)
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world))
     trainer.train_step(iter(trainer.batches))
     tag = trainer.save()
     written = os.stat(os.path.join(trainer.ckpt_dir, tag, "albef_rank0.pt")).st_mtime_ns
@@ -313,8 +288,8 @@ def test_retrieval_finetuning_keeps_the_checkpoint_with_the_best_val_r_mean(tmp_
 
 
 def accumulation_fn(rank, world, out_dir):
-    cfg = tiny_cfg(world, "train.grad_accum=2")
-    trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world, "train.grad_accum=2")
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world))
     updates = []
     update = trainer.momentum.update
     trainer.momentum.update = lambda: (updates.append(trainer.step), update())
@@ -335,8 +310,8 @@ def test_gradient_accumulation_steps_once_and_queues_every_micro_batch(tmp_path)
 def compile_fn(rank, world, compile_layers, out_dir):
     import torch._dynamo
 
-    cfg = tiny_cfg(world, f"train.compile={compile_layers}")
-    trainer = Trainer(cfg, ds_config(2), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world, f"train.compile={compile_layers}")
+    trainer = Trainer(cfg, ds_config(2), out_dir, batches=global_batches(cfg, rank, world))
     data = iter(trainer.batches)
     losses = [trainer.train_step(data)[0]["loss"].item() for _ in range(3)]
     trainer.close()
@@ -351,14 +326,14 @@ def test_compiled_layers_train_like_eager_ones(tmp_path):
     assert no_graphs == 0 and graphs >= 4     # ViT block, text layer, fusion layer; train and momentum
     assert compiled == pytest.approx(eager, rel=1e-4)
     with pytest.raises(ConfigError, match="train.compile is not supported with ZeRO stage 3"):
-        resolve_ds_config(ds_config(3), tiny_cfg(1, "train.compile=true"), 1)
+        resolve_ds_config(ds_config(3), engine_cfg(1, "train.compile=true"), 1)
 
 
 def nan_gradient_fn(rank, world, out_dir):
-    cfg = tiny_cfg(world)
+    cfg = engine_cfg(world)
     ds = json.load(open(ds_config(2)))
     ds["bf16"]["enabled"] = True          # as on a GPU: DeepSpeed's per-tensor overflow check is off
-    trainer = Trainer(cfg, ds, out_dir, batches=fixed_batches(cfg, rank, world))
+    trainer = Trainer(cfg, ds, out_dir, batches=global_batches(cfg, rank, world))
     data = iter(trainer.batches)
     trainer.train_step(data)
     trainer.save()
@@ -386,8 +361,8 @@ def temperature_fn(rank, world, stage, out_dir):
 
     from albef_ds.engine import zero
 
-    cfg = tiny_cfg(world)
-    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=fixed_batches(cfg, rank, world))
+    cfg = engine_cfg(world)
+    trainer = Trainer(cfg, ds_config(stage), out_dir, batches=global_batches(cfg, rank, world))
     temp = trainer.model.temp
     if stage == 2:
         safe_set_full_fp32_param(temp, torch.full(temp.shape, 5.0))      # far above ALBEF's 0.5

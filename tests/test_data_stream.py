@@ -159,3 +159,27 @@ def test_global_rngs_are_left_alone(tmp_path, workers):
     take_keys(stream(corpus, workers=workers, augment=True, epoch_samples=12), 5)
     after = states()
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+
+
+def test_a_stream_continues_on_another_number_of_ranks(tmp_path):
+    """Two ranks' positions become one rank's: the same epoch, as many of its samples consumed,
+    the skip counts kept, and fresh draws (not the epoch's start replayed)."""
+    corpus, _ = write_corpus(tmp_path, [6] * 8)
+    options = dict(batch_size=2, epoch_samples=40, shuffle_buffer=4)     # 10 steps of 2 x 2 a epoch
+    ranks = [stream(corpus, rank=r, world_size=2, **options) for r in range(2)]
+    for s in ranks:
+        take_keys(s, 13)                                                 # into the second epoch
+    states = [json.loads(json.dumps(s.state_dict())) for s in ranks]
+    one = stream(corpus, batch_size=4, rank=0, world_size=1, epoch_samples=40, shuffle_buffer=4)
+    one.resume_from(states)
+    state = one.state_dict()
+    assert state["epoch"] == 1 and sum(p["batches"] for p in state["positions"]) == 3    # 12 of 40 samples
+    fresh = stream(corpus, batch_size=4, rank=0, world_size=1, epoch_samples=40, shuffle_buffer=4)
+    epoch1 = take_keys(fresh, 20)[10:]                                   # a one-rank run's epoch 1
+    resumed = take_keys(one, 7)
+    # not a replay of its start: the first batch of each worker holds other samples
+    assert len(resumed) == 7 and sorted(resumed[0] + resumed[1]) != sorted(epoch1[0] + epoch1[1])
+    assert one.state_dict()["epoch"] == 2                                # 3 + 7 batches: the epoch is done
+    assert one.stats() == {k: sum(s["stats"][k] for s in states) for k in one.stats()}
+    with pytest.raises(ValueError, match="seed"):
+        stream(corpus, batch_size=4, world_size=1, seed=5, epoch_samples=40).resume_from(states)

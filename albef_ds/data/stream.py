@@ -110,7 +110,8 @@ class _EpochReader(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.state["next_worker"]) % self.stream.num_workers
-        return self.stream._worker_batches(self.state["epoch"], worker, self.state["positions"][worker])
+        return self.stream._worker_batches(self.state["epoch"], worker, self.state["positions"][worker],
+                                           self.state["origin"])
 
 
 class ShardStream:
@@ -141,17 +142,24 @@ class ShardStream:
 
     # ---- position ------------------------------------------------------------------------
 
-    def _epoch_start(self, epoch: int, stats: dict) -> dict:
-        positions = [{"lanes": [], "next_draw": 0, "taken": 0, "batches": 0} for _ in range(self.num_workers)]
-        return {"epoch": epoch, "next_worker": 0, "positions": positions, "stats": stats}
+    def _epoch_start(self, epoch: int, stats: dict, done: int = 0, origin: int = 0) -> dict:
+        """The state at the start of `epoch`, or with `done` of its batches already made elsewhere:
+        `origin` (the samples consumed before, when nonzero) then salts the draws and lane choices,
+        so they do not replay the epoch's start."""
+        positions = [{"lanes": [], "next_draw": 0, "taken": 0, "batches": len(range(w, done, self.num_workers))}
+                     for w in range(self.num_workers)]
+        return {"epoch": epoch, "next_worker": done % self.num_workers, "positions": positions, "stats": stats,
+                "origin": origin}
 
     def _identity(self) -> dict:
         """What a saved position is only valid for."""
-        data = json.dumps([[s.name, s.weight] for s in self.shards]
-                          + [self.cfg.resampled, self.cfg.shuffle_buffer, self.cfg.open_shards, self.steps_per_epoch])
+        corpora = json.dumps([[s.name, s.weight] for s in self.shards])
+        reading = json.dumps([corpora, self.cfg.resampled, self.cfg.shuffle_buffer, self.cfg.open_shards,
+                              self.steps_per_epoch])
         return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
                 "batch_size": self.batch_size, "seed": self.seed,
-                "data": hashlib.sha1(data.encode()).hexdigest()[:16]}
+                "data": hashlib.sha1(reading.encode()).hexdigest()[:16],
+                "data_corpora": hashlib.sha1(corpora.encode()).hexdigest()[:16]}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch handed out, per rank."""
@@ -163,7 +171,32 @@ class ShardStream:
                 raise ValueError(f"data position saved with {key}={state.get(key)!r} cannot resume "
                                  f"a stream with {key}={value!r} (same ranks, workers, batch size, "
                                  "seed and corpora needed)")
-        self._state = copy.deepcopy({key: state[key] for key in ("epoch", "next_worker", "positions", "stats")})
+        self._state = copy.deepcopy({key: state[key] for key in ("epoch", "next_worker", "positions", "stats",
+                                                                 "origin")})
+
+    def resume_from(self, states: list[dict]) -> None:
+        """Continues on this rank the stream that `states` left: every rank's state_dict() of a run
+        on another number of ranks (or with another batch or number of workers). Kept: the epoch,
+        how much of it was consumed (so the lr schedule and the epoch count go on), the corpus mix
+        and the skip counts (on rank 0). Not kept: which samples come next (the draws are made
+        afresh, salted by the consumed samples, so the epoch's start is not replayed; shards are
+        drawn with replacement anyway)."""
+        mine = self._identity()
+        for state in states:
+            for key in ("seed", "data_corpora"):
+                if state.get(key) != mine[key]:
+                    raise ValueError(f"data position saved with {key}={state.get(key)!r} cannot continue a "
+                                     f"stream with {key}={mine[key]!r} (same seed and corpora needed)")
+        if not self.cfg.resampled:
+            raise ValueError("a stream that is not resampled (one pass over the shards) cannot continue on "
+                             "another number of ranks")
+        epoch = max(state["epoch"] for state in states)
+        consumed = sum(p["batches"] * state["batch_size"] for state in states if state["epoch"] == epoch
+                       for p in state["positions"])
+        stats = {k: sum(state["stats"].get(k, 0) for state in states) if self.rank == 0 else 0
+                 for k in self._state["stats"]}
+        done = min(consumed // (self.batch_size * self.world_size), self.steps_per_epoch)
+        self._state = self._epoch_start(epoch, stats, done, origin=consumed)
 
     def stats(self) -> dict[str, int]:
         return dict(self._state["stats"])
@@ -199,9 +232,9 @@ class ShardStream:
 
     # ---- worker process --------------------------------------------------------------------
 
-    def _draws(self, epoch: int, worker: int) -> Iterator[tuple[int, int]]:
+    def _draws(self, epoch: int, worker: int, salt: list) -> Iterator[tuple[int, int]]:
         """(shard index, draw seed) of this rank's `worker` in `epoch`."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker] + salt)
         if self.cfg.resampled:
             while True:
                 yield int(rng.choice(len(self.shards), p=self.probs)), int(rng.integers(2**63))
@@ -219,14 +252,15 @@ class ShardStream:
             pass
         return _Lane(index, shard, draw_seed, items, offset)
 
-    def _worker_batches(self, epoch: int, worker: int, position: dict) -> Iterator[dict]:
+    def _worker_batches(self, epoch: int, worker: int, position: dict, origin: int) -> Iterator[dict]:
         # Resampled: this worker's share of the epoch's batches, less those already consumed.
         quota = None
         if self.cfg.resampled:
             quota = len(range(worker, self.steps_per_epoch, self.num_workers)) - position["batches"]
         if quota is not None and quota <= 0:
             return
-        draws = _DrawSequence(self._draws(epoch, worker))
+        salt = [origin] if origin else []        # nonzero after a resume on another number of ranks
+        draws = _DrawSequence(self._draws(epoch, worker, salt))
         lanes = [self._open(draws, index, offset) for index, offset in position["lanes"]]
         next_draw, taken = position["next_draw"], position["taken"]
         while len(lanes) < self.cfg.open_shards and draws.has(next_draw):     # a fresh start
@@ -238,7 +272,8 @@ class ShardStream:
             return {"lanes": [[lane.draw, lane.offset] for lane in lanes], "next_draw": next_draw, "taken": taken}
 
         while lanes:
-            slot = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}:{taken}").randrange(len(lanes))
+            slot = random.Random(":".join(map(str, [self.seed, epoch, self.rank, worker, taken] + salt))
+                                 ).randrange(len(lanes))
             taken += 1
             lane = lanes[slot]
             raw = next(lane.items, None)

@@ -136,6 +136,11 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 2000
     keep_last: int = 3               # newest checkpoints kept (0: every one); the best is always kept
+    # Resuming on another number of ranks than saved the checkpoint: "keep" the global batch (the
+    # per-rank micro batch takes the change, accumulation only beyond max_micro_batch), or keep the
+    # "per_rank" micro batch (the global batch changes on purpose). docs/slurm.md.
+    elastic_batch: str = "keep"
+    max_micro_batch: int = 0         # the largest micro batch one rank's memory holds (0: no limit)
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
     # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
     # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.
@@ -168,7 +173,7 @@ MINIMUMS = {
     "train.batch_size": 1, "train.grad_accum": 1, "train.epochs": 0, "train.max_steps": 0,
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
-    "train.max_bad_steps": 1,
+    "train.max_bad_steps": 1, "train.max_micro_batch": 0,
     "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0,
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
@@ -331,6 +336,8 @@ def check_config(config: Config) -> None:
     _check_ranges(config)
     if config.train.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode '{config.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+    if config.train.elastic_batch not in ("keep", "per_rank"):
+        raise ConfigError(f"train.elastic_batch '{config.train.elastic_batch}' is not one of keep, per_rank")
 
 
 def _check_ranges(config: Config) -> None:

@@ -5,6 +5,9 @@ Layout under `checkpoints/`:
     <tag>/                   DeepSpeed's files (model states, ZeRO optimizer shards)
     <tag>/albef_rank<R>.pt   per-rank state: data-stream position, RNG states, momentum partition
                              (ZeRO-3; with whole weights only rank 0 writes the momentum model)
+    <tag>/run.json           what a resume checks first: the ranks, batch and config that saved it
+    <tag>/universal/         the tag as DeepSpeed's universal checkpoint, made when a run on another
+                             number of ranks resumes it (albef_ds.checkpoint.elastic)
     latest                   the newest complete tag; moved only after every rank finished writing
     best.json                {"tag", "metric", "value"} of the best evaluation
 
@@ -33,11 +36,12 @@ import torch
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
-from ..io import ConversionError, atomic_torch_save, check_readable, torch_load
+from ..io import ConversionError, atomic_torch_save, atomic_write, check_readable, torch_load
 from .layout import Layout, _some, model_layout
 
 LATEST = "latest"
 BEST = "best.json"
+RUN_INFO = "run.json"
 
 
 def tag_for(step: int) -> str:
@@ -88,14 +92,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict, momentum, keep_last: int) -> str:
-    """Saves on every rank (a collective); returns the tag."""
+def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict, momentum, keep_last: int,
+         run_info: dict) -> str:
+    """Saves on every rank (a collective); returns the tag. `run_info`: {"world_size",
+    "batch_size", "grad_accum", "config"}, written by rank 0 as run.json."""
     tag = tag_for(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     rank = distributed.rank()
     if momentum.partitioned() or rank == 0:
         rank_state = {**rank_state, "momentum": momentum.local_state()}
     atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
+    if rank == 0:
+        atomic_write(os.path.join(ckpt_dir, tag, RUN_INFO), lambda tmp: open(tmp, "w").write(json.dumps(run_info)))
     distributed.barrier()
     if rank == 0:
         tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
@@ -142,23 +150,19 @@ def latest_tag(ckpt_dir: str):
         return f.read().strip()
 
 
-def check_resumable(ckpt_dir: str, tag: str) -> None:
-    """Before anything is built: the tag exists and was written by as many ranks as this run has."""
-    folder = os.path.join(ckpt_dir, tag)
-    if not os.path.isdir(folder):
-        there = ", ".join(sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))) or "none"
-        raise ConfigError(f"no checkpoint '{tag}' to resume in {ckpt_dir} (there: {there})")
-    world = distributed.world_size()
-    written = sum(1 for name in os.listdir(folder) if RANK_FILE.fullmatch(name))
-    if written != world:
-        # The data streams' positions, and under ZeRO-3 the momentum partitions, are per rank.
-        raise ConfigError(f"checkpoint {folder} was written by {written} ranks and this run has {world}: "
-                          f"resume with {written} ranks, or convert it (tools/convert_checkpoint.py) "
-                          f"and start a new run from it with model.init_checkpoint")
+def read_run_info(ckpt_dir: str, tag: str) -> dict:
+    path = os.path.join(ckpt_dir, tag, RUN_INFO)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} is incomplete: cannot read {path}: "
+                          f"{exc}") from None
 
 
 def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
-    """Loads a tag (checked by check_resumable) on every rank; returns (client_state, this rank's state)."""
+    """Loads a tag saved by as many ranks as this run has (checked by
+    albef_ds.checkpoint.elastic.check_resumable) on every rank; returns (client_state, this rank's state)."""
     folder = os.path.join(ckpt_dir, tag)
     own_file = rank_file(folder, distributed.rank())
     if not os.path.isfile(own_file):
@@ -261,7 +265,7 @@ def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -
     else:
         online = _deepspeed_fp32_weights(ckpt_dir, tag, source)
     del states
-    momentum = _merge_momentum(folder, world, stage == 3, layout, trusted)
+    momentum = merge_momentum(folder, world, stage == 3, layout, trusted)
 
     state = {}
     for key in layout.keys:
@@ -293,7 +297,7 @@ def _deepspeed_fp32_weights(ckpt_dir: str, tag: str, source: str) -> dict:
                               f"{type(exc).__name__}: {exc}") from None
 
 
-def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout, trusted: bool) -> dict:
+def merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout, trusted: bool) -> dict:
     """The fp32 momentum weights by name. Whole tensors from rank 0's file, or (ZeRO-3) every
     rank's flat partition of each parameter, ceil(numel / world) elements padded at the end."""
     names = layout.momentum_names

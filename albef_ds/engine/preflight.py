@@ -1,11 +1,11 @@
 """Every start-up check, in one place, before anything is built: a run that cannot finish stops
 now with one error naming the key, file or numbers, not thousands of steps in.
 
-Checks: the config's ranges; the task's own checks; the metric that picks the best checkpoint;
-the tokenizer against the model's special ids and the corpora (when the run reads data); the
-DeepSpeed config
-against the project config; the output folder; the checkpoint to resume (present, same number of
-ranks); and the evaluation data (read now when evaluations are due).
+Checks: the config's ranges; the output folder; the checkpoint to resume (present, complete, of
+this task and model shape; on another number of ranks, the batch it keeps); the task's own
+checks; the metric that picks the best checkpoint; the tokenizer against the model's special ids
+and the corpora (when the run reads data); the DeepSpeed config against the project config; and
+the evaluation data (read now when evaluations are due).
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .. import distributed as dist
+from ..checkpoint import elastic
 from ..checkpoint import training as ckpt
+from ..checkpoint.elastic import ResumePlan
 from ..config import Config, ConfigError, check_config
 from ..tasks import get_task
 from ..tasks.base import Task
@@ -31,7 +33,7 @@ class Plan:
     ds_config: dict
     output_dir: str
     ckpt_dir: str
-    resume_tag: Optional[str]
+    resume: Optional[ResumePlan]
     evaluator: object = None
 
 
@@ -41,13 +43,7 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
     (latest if there is one, else fresh) or a tag. A collective when evaluations are due on the
     generated corpus (rank 0 writes it)."""
     check_config(cfg)
-    task = get_task(cfg)
-    task.check(dist.world_size())
-    check_select_metric(cfg, task)
-    if reads_data:
-        check_tokenizer(cfg)
-        check_corpora(cfg)
-    ds = resolve_ds_config(ds_config, cfg, dist.world_size())
+    world = dist.world_size()
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     try:      # now, not at the first save thousands of steps in
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -55,16 +51,28 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
         raise ConfigError(f"cannot create the checkpoint folder {ckpt_dir} (output_dir {output_dir}): {exc}") from None
     if not os.access(ckpt_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"the checkpoint folder {ckpt_dir} (output_dir {output_dir}) is not writable")
-    resume_tag = _resume_tag(ckpt_dir, resume)
-    if resume_tag is not None:
-        ckpt.check_resumable(ckpt_dir, resume_tag)
+    resume_plan, tag = None, _resume_tag(ckpt_dir, resume)
+    if tag is not None:
+        # first: a resume on another number of ranks changes the batch every later check sees
+        resume_plan, cfg = elastic.check_resumable(ckpt_dir, tag, cfg, world)
         if cfg.model.init_checkpoint:
             # the checkpoint being resumed holds every weight: the init file is not read (or needed)
             cfg = copy.deepcopy(cfg)
             cfg.model.init_checkpoint = None
-            task = get_task(cfg)
+        if resume_plan.elastic and dist.rank() == 0:
+            print(f"resuming {tag}, saved on {resume_plan.saved_world} ranks, on {world}: "
+                  + "; ".join(resume_plan.notes), flush=True)
+    task = get_task(cfg)
+    task.check(world)
+    check_select_metric(cfg, task)
+    if reads_data:
+        check_tokenizer(cfg)
+        check_corpora(cfg)
+    ds = resolve_ds_config(ds_config, cfg, world)
+    if resume_plan is not None and resume_plan.elastic:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     evaluator = task.evaluator(output_dir) if cfg.eval.every_epochs else None
-    return Plan(cfg, task, ds, output_dir, ckpt_dir, resume_tag, evaluator)
+    return Plan(cfg, task, ds, output_dir, ckpt_dir, resume_plan, evaluator)
 
 
 def check_select_metric(cfg: Config, task: Task) -> None:

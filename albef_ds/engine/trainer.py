@@ -20,7 +20,10 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .. import distributed as dist
+from ..checkpoint import elastic
 from ..checkpoint import training as ckpt
+from ..checkpoint.elastic import ResumePlan
+from ..checkpoint.layout import model_layout
 from ..config import Config
 from ..optim import lr_at
 from ..tasks.base import StepContext
@@ -72,8 +75,8 @@ class Trainer:
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
         self.saved_step = None        # the step of the last checkpoint this run saved or resumed
-        if plan.resume_tag is not None:
-            self._resume(plan.resume_tag)
+        if plan.resume is not None:
+            self._resume(plan.resume)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> str:
@@ -89,15 +92,22 @@ class Trainer:
                   "config": self.cfg.to_dict()}
         rank_state = {"rng": ckpt.rng_state(),
                       "data": self.stream.state_dict() if self.stream is not None else None}
+        run_info = {"world_size": dist.world_size(), "batch_size": self.cfg.train.batch_size,
+                    "grad_accum": self.cfg.train.grad_accum, "config": self.cfg.to_dict()}
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.momentum,
-                        self.cfg.train.keep_last)
+                        self.cfg.train.keep_last, run_info)
         self.saved_step = self.step
         if dist.rank() == 0:
             print(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}", flush=True)
         return tag
 
-    def _resume(self, tag: str) -> None:
-        client, rank_state = ckpt.load(self.engine, self.ckpt_dir, tag, self.momentum)
+    def _resume(self, plan: ResumePlan) -> None:
+        tag = plan.tag
+        if plan.elastic:      # saved on another number of ranks
+            client, rank_state, positions = elastic.load(self.engine, self.ckpt_dir, plan, self.momentum,
+                                                         model_layout(self.cfg))
+        else:
+            client, rank_state = ckpt.load(self.engine, self.ckpt_dir, tag, self.momentum)
         self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
         # the best as of the resumed step (best.json may name a later tag of an abandoned branch)
         self.best = client.get("best")
@@ -107,7 +117,10 @@ class Trainer:
             buffers[name].copy_(value)
         ckpt.set_rng_state(rank_state["rng"])
         if self.stream is not None and rank_state["data"] is not None:
-            self.stream.load_state_dict(rank_state["data"])
+            if plan.elastic:
+                self.stream.resume_from(positions)
+            else:
+                self.stream.load_state_dict(rank_state["data"])
         if dist.rank() == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
 

@@ -118,6 +118,21 @@ class MomentumEMA:
                 for (_, pm), acc in zip(self.pairs, self.fp32)]
 
     @torch.no_grad()
+    def load_whole(self, values: list[torch.Tensor]) -> None:
+        """Sets the momentum weights from whole tensors (in pair order): this rank takes its ZeRO-3
+        partition of each (ceil(numel / world) elements, the last padded), or the whole tensor."""
+        import torch.distributed as tdist
+
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        local = []
+        for (_, pm), value in zip(self.pairs, values):
+            size = local_data(pm).numel()
+            flat = value.detach().reshape(-1).float()
+            part = flat[rank * size:(rank + 1) * size] if hasattr(pm, "ds_tensor") else flat
+            local.append(torch.nn.functional.pad(part, (0, size - part.numel())).view_as(local_data(pm)))
+        self.load_local_state(local)
+
+    @torch.no_grad()
     def load_local_state(self, values: list[torch.Tensor]) -> None:
         if len(values) != len(self.pairs):
             raise ValueError(f"momentum state has {len(values)} tensors, the model {len(self.pairs)}")

@@ -62,9 +62,12 @@ done
 [[ -f $CONFIG ]] || fail "config $CONFIG not found (relative to $ALBEF_REPO)"
 [[ -f $DS_CONFIG ]] || fail "ds config $DS_CONFIG not found (relative to $ALBEF_REPO)"
 
+# From the nodes this start got: a requeued job can come back on fewer (or more) nodes than it was
+# first given, while SLURM_NTASKS keeps the first start's count.
 NODES=$SLURM_JOB_NUM_NODES
-WORLD=${SLURM_NTASKS:?sbatch sets SLURM_NTASKS from --nodes x --ntasks-per-node}
-PER_NODE=$(( WORLD / NODES ))
+PER_NODE=${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:?sbatch sets SLURM_NTASKS from --nodes x --ntasks-per-node} / NODES ))}
+PER_NODE=${PER_NODE%%(*}   # "8(x2)" where Slurm writes a count per node
+WORLD=$(( NODES * PER_NODE ))
 # Set by --gpus-per-node ("8", or "a100:8" with typed GRES); with --gres=gpu:8 only ON_NODE is.
 GPUS=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}; GPUS=${GPUS##*:}
 if (( GPUS > 0 && GPUS != PER_NODE )); then
@@ -122,7 +125,8 @@ case ${ALBEF_LAUNCHER:-srun} in
     # srun: one task per GPU; 22.05 no longer passes --cpus-per-task from sbatch on to srun.
     # --kill-on-bad-exit=0: a rank that exits 124 first must not get the others killed mid-save
     # (they would report 143 and the requeue would be missed).
-    srun) LAUNCH=(srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${BANNER[@]}" python -u) ;;
+    srun) LAUNCH=(srun --kill-on-bad-exit=0 --nodes="$NODES" --ntasks="$WORLD" --ntasks-per-node="$PER_NODE"
+                  --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${BANNER[@]}" python -u) ;;
     # mpirun (MPICH hydra) starts its proxies through srun itself. SLURM_PROCID/NTASKS/LOCALID
     # then describe the proxies, not the ranks, so they are dropped: train.py then takes its rank
     # from mpi4py (PMI_SIZE tells it that mpirun started it).

@@ -70,12 +70,12 @@ def read(path):
     return Path(path).read_text() if Path(path).exists() else "(no log)"
 
 
-def sbatch(env, tmp_path, args=(), **albef):
-    """Submits a template as a 2-node x 1-task CPU job; returns (job id, log path)."""
+def sbatch(env, tmp_path, args=(), nodes="2", log_name="job.log", **albef):
+    """Submits a template as a `nodes`-node x 1-task CPU job; returns (job id, log path)."""
     env = {**env, "ALBEF_VENV": VENV, "ALBEF_OUTPUT_ROOT": str(tmp_path / "out"),
            "ALBEF_CONFIG": "albef_ds/configs/tiny.yaml", **albef}
-    log = tmp_path / "job.log"
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+    log = tmp_path / log_name
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
            "--gpus-per-node=0", "--time=20", f"--output={log}", str(TEMPLATE), *args]
     job = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=60, cwd=REPO)
     assert job.returncode == 0, job.stderr
@@ -288,3 +288,55 @@ def test_engine_mpirun_matches_deepspeed_launcher(tmp_path):
     assert sorted(ds_losses) == sorted(mpi_losses) and len(ds_losses) == 10
     for step, values in ds_losses.items():
         assert values and values == pytest.approx(mpi_losses[step], rel=1e-5, abs=1e-6), step
+
+
+# --- elastic resume: a run continues on another number of nodes ---------------------------------
+
+def elastic_job(cluster, tmp_path, run_dir, nodes, max_steps, log_name):
+    """The tiny model on zero2.json (batch sizes "auto": the Trainer keeps the global batch of the
+    run it resumes), into the run folder `run_dir`."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    args = ["--config", "albef_ds/configs/tiny.yaml", "--deepspeed", "ds_configs/zero2.json", "--max_steps",
+            str(max_steps), "train.log_every=1", "train.batch_size=4"]
+    return sbatch(cluster, tmp_path, args=args, nodes=nodes, log_name=log_name, ALBEF_OUTPUT_DIR=str(run_dir),
+                  ALBEF_DATA_ROOT=str(tmp_path / "data"), ALBEF_CONFIG="albef_ds/configs/pretrain_4m.yaml")
+
+
+@pytest.mark.needs_engine
+def test_engine_a_two_node_run_continues_on_one_node(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job, log = elastic_job(cluster, tmp_path, run_dir, "2", 4, "two.log")
+    assert wait_job(cluster, job, log, timeout=1200) == "COMPLETED", read(log)
+    job, log = elastic_job(cluster, tmp_path, run_dir, "1", 8, "one.log")
+    assert wait_job(cluster, job, log, timeout=1200) == "COMPLETED", read(log)
+    text = read(log)
+    assert "rank 0 of 1 on n" in text and "saved on 2 ranks, on 1: 2 -> 1 ranks: micro batch per rank 4 -> 8" in text, text
+    assert metrics_steps(run_dir)[0] == list(range(1, 9)), text         # steps 5-8 follow 1-4
+
+
+@pytest.mark.needs_engine
+def test_engine_a_requeued_job_comes_back_on_fewer_nodes(cluster, tmp_path):
+    """A two-node job saves on USR1 and is requeued; a node goes down (drained) meanwhile and the
+    pending job is allowed a node range (scontrol update NumNodes=1-2): it comes back on the one
+    node left and continues the run, with no edit to the template or common.sh."""
+    run_dir = tmp_path / "run"
+    job, log = elastic_job(cluster, tmp_path, run_dir, "2", 60, "range.log")
+    wait_for_steps(run_dir, 3, cluster, job, log, timeout=1200)
+    try:
+        run(["scontrol", "update", "nodename=n2", "state=drain", "reason=elastic-test"], cluster)
+        run(["scancel", "--signal=USR1", str(job)], cluster)
+        deadline = time.time() + 600
+        while job_state(cluster, job) != ("PENDING", 1):
+            assert time.time() < deadline and job_state(cluster, job)[0] not in DONE_STATES, read(log)
+            time.sleep(0.5)
+        # Slurm keeps the first start's task and CPU counts as minimums: lowered with the node count
+        run(["scontrol", "update", f"jobid={job}", "numnodes=1-2", "numtasks=1", "numcpus=1"], cluster)
+        assert wait_job(cluster, job, log, timeout=1800) == "COMPLETED", read(log)
+    finally:
+        run(["scontrol", "update", "nodename=n2", "state=resume"], cluster, check=False)
+        run(["scancel", str(job)], cluster, check=False)
+    text = read(log)
+    assert "rank 1 of 2" in text and f"job {job} restart 1: 1 nodes" in text, text
+    assert "saved on 2 ranks, on 1" in text, text
+    steps, _ = metrics_steps(run_dir)
+    assert steps == list(range(1, 61)), steps                           # continued, no step twice

@@ -3,6 +3,7 @@ ITM hard negatives that never pick a caption of the same image, no MLM; evaluate
 retrieval protocol (albef_ds.eval.retrieval), the best val r_mean kept."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..config import ModelConfig
@@ -34,6 +35,8 @@ class RetrievalTask(PretrainTask):
         parser.add_argument("--k_test", type=int, default=128, help="candidates re-ranked per query (0: ITC only)")
         parser.add_argument("--add_sim", action="store_true", help="score = ITM logit + similarity (BLIP) "
                             "instead of ALBEF's ITM logit")
+        parser.add_argument("--show", type=int, default=0, metavar="N", help="also draw the top-5 images of N "
+                            "text queries spread over the set (OUTPUT_DIR/show/*.png)")
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
@@ -46,10 +49,19 @@ class RetrievalTask(PretrainTask):
             cfg = load_config(args.config)
             max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
         max_tokens = min(max_tokens, model.cfg.text.max_position)
-        data = read_retrieval_set(args.data, args.image_root, max_words, images_of_this_rank(args.batch_size))
+        # the pictures need every image on rank 0: then every rank keeps them all
+        keep = None if args.show else images_of_this_rank(args.batch_size)
+        data = read_retrieval_set(args.data, args.image_root, max_words, keep)
         out = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
-                                 max_tokens, args.k_test, args.batch_size, args.add_sim)
+                                 max_tokens, args.k_test, args.batch_size, args.add_sim, return_scores=bool(args.show))
         out.update(add_sim=args.add_sim)
+        if args.show:
+            from .. import distributed as dist
+            from ..eval.retrieval import write_top_images
+
+            _, score_t2i, _ = out.pop("scores")
+            if dist.rank() == 0:
+                out["pictures"] = write_top_images(data, score_t2i, os.path.join(args.output_dir, "show"), args.show)
         return out
 
     @classmethod

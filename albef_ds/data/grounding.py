@@ -1,0 +1,66 @@
+"""What grounding fine-tuning reads: referring expressions with their images, and ALBEF's grounding
+train transform (the image resized whole, so the geometry the expressions describe is kept)."""
+from __future__ import annotations
+
+import random
+from typing import Union
+
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from ..tokenizer import clean_caption
+from .codec import CaptionCodec, decode_images, key_id
+from .samples import sample_captions, sample_meta
+from .transforms import EvalTransform, rand_augment, to_normalized_tensor
+
+
+class ResizeFlipAugment:
+    """ALBEF's grounding train transform: resize to img_size x img_size (bicubic, no crop),
+    horizontal flip, RandAugment(2, 7), CLIP norm. (ALBEF flips whatever the text says, "left"
+    and "right" included.)"""
+
+    def __init__(self, img_size: int):
+        self.img_size = img_size
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = F.resize(image, [self.img_size, self.img_size], interpolation=InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            image = F.horizontal_flip(image)
+        return to_normalized_tensor(rand_augment(image, rng))
+
+
+def grounding_transform(img_size: int, augment: bool):
+    return ResizeFlipAugment(img_size) if augment else EvalTransform(img_size)
+
+
+class ExpressionCodec(CaptionCodec):
+    """A referring expression (an ALBEF grounding entry {"image", "text"}; or, from shards, one of
+    the sample's captions) and its image: {"image", "input_ids", "attention_mask", "image_id"}.
+    The image id is a stable hash of the image's file name (the entry's "image", else the sample
+    key): several expressions name objects of one image, and they are positives of each other in
+    ITC and never each other's ITM negatives, as in ALBEF's grounding training."""
+
+    def __init__(self, tokenizer, transform, max_words: int, max_tokens: int):
+        super().__init__(tokenizer, transform, max_words, max_tokens, image_ids=False)
+
+    def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
+        try:
+            meta = sample_meta(raw)
+            texts = [meta["text"]] if isinstance(meta.get("text"), str) else sample_captions(raw)
+        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
+            return "bad_text"
+        texts = [t for t in (clean_caption(t, self.max_words) for t in texts) if t]
+        if not texts:
+            return "empty_caption"
+        text = rng.choice(texts)
+        images = decode_images(raw, 1, self.transform, rng)
+        if isinstance(images, str):
+            return images
+        return {"image": images[0], "caption": text, "image_name": str(meta.get("image", key))}
+
+    def collate(self, samples: list[dict], keys: list[str]) -> dict:
+        batch = super().collate(samples, keys)
+        batch["image_id"] = torch.tensor([key_id(s["image_name"]) for s in samples])
+        return batch

@@ -125,14 +125,13 @@ def labelled_grid(panels: Sequence[Image.Image], labels: Sequence[str], title: s
     return picture
 
 
-def heat_pictures(image: Image.Image, text: str, sentence: torch.Tensor, words: Sequence[str],
-                  word_maps: Sequence[torch.Tensor]) -> tuple[Image.Image, Image.Image]:
-    """(the image with the sentence's heat map, the figure of ALBEF's paper: the image, the
-    sentence's map and one panel per word), both with the sentence as title and a colour bar."""
+def word_panels(image: Image.Image, text: str, sentence: torch.Tensor, words: Sequence[str],
+                word_maps: Sequence[torch.Tensor]) -> Image.Image:
+    """The figure of ALBEF's paper: the image, the sentence's heat map and one panel per word, with
+    the sentence as title and a colour bar."""
     plain = image.convert("RGB").resize(panel_size(image), Image.BICUBIC)
-    whole = labelled_grid([overlay(image, sentence)], ["whole sentence"], text)
     panels = [plain, overlay(image, sentence)] + [overlay(image, m) for m in word_maps]
-    return whole, labelled_grid(panels, ["image", "whole sentence", *words], text)
+    return labelled_grid(panels, ["image", "whole sentence", *words], text)
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -148,27 +147,29 @@ def save_png(picture: Image.Image, path: str) -> str:
 
 # ---- heat maps of a model ----------------------------------------------------------------------
 
-def word_heat_maps(model, tokenizer, image: Image.Image, text: str, max_tokens: int = 30,
-                   layer: Optional[int] = None) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
-    """(the sentence's ITM Grad-CAM map [g, g], the words of the cleaned text, a map per word: the
-    mean of its word pieces' maps) of a model with an ITM head. ValueError for a text that is
-    empty once cleaned."""
+def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm", max_tokens: int = 30,
+              layer: Optional[int] = None) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+    """(the sentence's Grad-CAM map [g, g], the words of the cleaned text, a map per word: the mean
+    of its word pieces' maps) of a model with an ITM head. ITC mode has one map per image-text
+    pair: no words then. ValueError for a text that is empty once cleaned, or a bad mode / layer."""
     from .data.transforms import EvalTransform
     from .eval.inputs import device_dtype
-    from .models.gradcam import check_gradcam, default_gradcam_layer, itm_token_maps, sentence_maps
+    from .models.gradcam import check_gradcam, default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps
     from .tokenizer import clean_caption, tokenize
 
     cleaned = clean_caption(text)
     if not cleaned:
         raise ValueError(f"text {text!r} is empty once cleaned (lower case, no punctuation)")
-    layer = default_gradcam_layer(model.cfg, "itm") if layer is None else layer
-    check_gradcam(model.cfg, "itm", layer)
+    layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
+    check_gradcam(model.cfg, mode, layer)
     device, dtype = device_dtype(model)
     ids, mask = tokenize(tokenizer, [cleaned], max_tokens)
     pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device, dtype)
     was_training = model.training
     model.eval()
     try:
+        if mode == "itc":
+            return itc_maps(model, pixels, ids.to(device), mask.to(device), layer)[0].cpu(), [], []
         maps, _ = itm_token_maps(model, pixels, ids.to(device), mask.to(device), layer)
     finally:
         model.train(was_training)
@@ -184,15 +185,18 @@ def word_heat_maps(model, tokenizer, image: Image.Image, text: str, max_tokens: 
 
 
 def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str,
-                        name: str, max_tokens: int = 30, layer: Optional[int] = None) -> list[str]:
-    """For each text: `<name>__<text>.png` (the sentence's heat map over the image) and
-    `<name>__<text>_words.png` (one panel per word) in output_dir. Returns the paths."""
+                        name: str, mode: str = "itm", max_tokens: int = 30, layer: Optional[int] = None) -> list[str]:
+    """For each text, in output_dir: ITM mode `<name>__<text>.png` (the sentence's heat map over the
+    image) and `<name>__<text>_words.png` (one panel per word); ITC mode `<name>__<text>_itc.png`
+    (the sentence's map). Returns the paths."""
     paths = []
     for text in texts:
-        sentence, words, maps = word_heat_maps(model, tokenizer, image, text, max_tokens, layer)
-        whole, per_word = heat_pictures(image, text, sentence, words, maps)
+        sentence, words, maps = heat_maps(model, tokenizer, image, text, mode, max_tokens, layer)
         stem = os.path.join(output_dir, f"{name}__{slug(text)}")
-        paths += [save_png(whole, f"{stem}.png"), save_png(per_word, f"{stem}_words.png")]
+        whole = labelled_grid([overlay(image, sentence)], [f"whole sentence ({mode.upper()})"], text)
+        paths.append(save_png(whole, f"{stem}.png" if mode == "itm" else f"{stem}_itc.png"))
+        if mode == "itm":
+            paths.append(save_png(word_panels(image, text, sentence, words, maps), f"{stem}_words.png"))
     return paths
 
 
@@ -220,6 +224,6 @@ def write_demo_pictures(model, cfg, output_dir: str, count: int = 2) -> list[str
     paths = []
     for i in range(min(count, len(data.images))):
         paths += write_heat_pictures(model, tokenizer, decode_image(data.images[i]), data.captions[i][:1],
-                                     folder, f"heldout_{i}", cfg.data.max_tokens)
+                                     folder, f"heldout_{i}", max_tokens=cfg.data.max_tokens)
     print("Grad-CAM pictures of held-out images: " + ", ".join(paths), flush=True)
     return paths

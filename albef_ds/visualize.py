@@ -1,12 +1,12 @@
 """Grad-CAM pictures of a checkpoint: where in the image the model sees each word of a text.
 
     python -m albef_ds.visualize --checkpoint PATH --image photo.jpg --text "a dog holding a frisbee" \
-        --output_dir DIR [--gradcam_layer N] [--config CFG] [--device cpu|cuda]
+        --output_dir DIR [--mode itm|itc] [--gradcam_layer N] [--config CFG] [--device cpu|cuda]
 
 --image: an image file or a folder of them; --text: a text, or --texts FILE with one text per line
 (every image is drawn with every text). For each pair, DIR/<image>__<text>.png holds the
-sentence's heat map over the image and DIR/<image>__<text>_words.png one panel per word, both
-with a colour bar. Works with any checkpoint that has an ITM head (pretrained, retrieval,
+sentence's heat map over the image and, in ITM mode (the default), DIR/<image>__<text>_words.png
+one panel per word, both with a colour bar. Works with any checkpoint that has an ITM head (pretrained, retrieval,
 grounding): a training folder, a converted file or a released ALBEF file. See docs/grounding.md.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ def parse_args(argv=None):
     texts.add_argument("--text", help="the text to draw")
     texts.add_argument("--texts", help="a file of texts, one per line")
     ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--gradcam_layer", type=int, default=None, help="the BERT fusion layer (0-based); "
-                    "default: ALBEF's, the third fusion layer (layer 8 of the base model)")
+    ap.add_argument("--mode", choices=("itm", "itc"), default="itm", help="Grad-CAM of the ITM logit at a "
+                    "fusion layer (a panel per word), or of ITC at a ViT block (the sentence's map only)")
+    ap.add_argument("--gradcam_layer", type=int, default=None, help="BERT layer (itm) or ViT block (itc), "
+                    "0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
     ap.add_argument("--config", default=None, help="config to load the checkpoint into (default: its own), "
                     "whose data.max_tokens is used")
     ap.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
@@ -82,7 +84,7 @@ def run(args) -> list[str]:
         except Exception as exc:              # PIL raises many types on broken files
             raise ValueError(f"image {path} cannot be read: {exc}") from None
         name = os.path.splitext(os.path.basename(path))[0]
-        paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, max_tokens,
+        paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode, max_tokens,
                                      args.gradcam_layer)
     return paths
 

@@ -12,9 +12,11 @@ import torch
 
 import albef_ds
 from albef_ds.eval.grounding import (Expression, GroundingSet, best_proposal, box_iou, evaluate_grounding,
-                                     proposal_scores, read_grounding_set, read_proposals)
+                                     heat_on_box, proposal_baselines, proposal_scores, read_grounding_set,
+                                     read_proposals)
 from albef_ds.models.gradcam import (check_gradcam, cross_attention_probs, default_gradcam_layer, gradcam,
                                      itc_maps, itm_token_maps, resize_map, sentence_maps, vit_attention_probs)
+from albef_ds.data.transforms import EvalTransform
 from albef_ds.tokenizer import build_tokenizer, tokenize
 from helpers import forward, tiny_batch, tiny_model_config
 
@@ -189,7 +191,7 @@ def test_the_explicit_attention_path_changes_no_training_number():
 def test_layers_modes_and_defaults():
     tiny, base = tiny_model_config(), albef_ds.load_config("base").model
     assert default_gradcam_layer(base, "itm") == 8 and default_gradcam_layer(base, "itc") == 8   # ALBEF's
-    assert default_gradcam_layer(tiny, "itm") == 2 and default_gradcam_layer(tiny, "itc") == 3
+    assert default_gradcam_layer(tiny, "itm") == 2 and default_gradcam_layer(tiny, "itc") == 2
     check_gradcam(base, "itm", 11)
     with pytest.raises(ValueError, match="fusion layers of BERT are 6..11"):
         check_gradcam(base, "itm", 5)
@@ -233,6 +235,17 @@ def test_proposal_scores_hand_worked():
     spot = torch.zeros(10, 10)
     spot[2:4, 2:4] = 1
     assert best_proposal(spot, torch.tensor([[0.0, 0, 10, 10], [2, 2, 2, 2], [1, 1, 4, 4]])) == 1
+
+
+def test_heat_on_box_hand_worked():
+    heat = torch.zeros(10, 10)
+    heat[2:4, 2:4] = 1.0                            # 4 hot pixels
+    assert heat_on_box(heat, [2, 2, 2, 2])          # mean 1 inside, 0 outside
+    assert heat_on_box(heat, [0, 0, 5, 5])          # 4 / 25 inside, 0 outside
+    assert not heat_on_box(heat, [5, 5, 5, 5])      # 0 inside, 4 / 75 outside
+    heat[8, 8] = 30.0                               # a hot spot off the box: 4 / 4 inside, 30 / 96 outside
+    assert heat_on_box(heat, [2, 2, 2, 2]) and not heat_on_box(heat, [0, 0, 5, 5])   # 4 / 25 < 30 / 75
+    assert not heat_on_box(heat, [0, 0, 10, 10]) and not heat_on_box(heat, [3, 3, 0, 2])    # nothing outside / inside
 
 
 def test_resize_map_is_bicubic_at_the_image_size():
@@ -392,21 +405,29 @@ def png_size(path):
 def test_pictures_are_pngs_of_the_layout_size(corpus, tmp_path):
     from PIL import Image
 
-    from albef_ds.pictures import PANEL, grid_size, jet, word_heat_maps, write_heat_pictures
+    from albef_ds.pictures import PANEL, grid_size, heat_maps, jet, write_heat_pictures
 
     assert jet([0.0])[0].tolist() == [0, 0, 128] and jet([1.0])[0].tolist() == [128, 0, 0]
     model = tiny_albef()
     tok = build_tokenizer(model.cfg.text.tokenizer)
     image = Image.open(os.path.join(corpus["image_root"], "images/000020.png")).resize((120, 90))
-    sentence, words, maps = word_heat_maps(model, tok, image, "The red-circle, zebra!")
+    sentence, words, maps = heat_maps(model, tok, image, "The red-circle, zebra!")
     assert words == ["the", "red", "circle", "zebra"] and len(maps) == 4     # "zebra": 4 word pieces, one map
+    ids, mask = tokenize(tok, ["the red circle zebra"], 30)
+    pixels = EvalTransform(64)(image)[None]
+    tokens, _ = itm_token_maps(model, pixels, ids, mask, 2)
+    assert torch.allclose(maps[3], tokens[0, 4:8].mean(0)) and torch.allclose(sentence, sentence_maps(tokens, mask)[0])
+    itc, none, _ = heat_maps(model, tok, image, "the red circle", "itc")
+    assert torch.allclose(itc, itc_maps(model, pixels, ids[:, :4], mask[:, :4], 2)[0]) and none == []
     paths = write_heat_pictures(model, tok, image, ["the red circle"], str(tmp_path), "photo")
     assert [os.path.basename(p) for p in paths] == ["photo__the_red_circle.png", "photo__the_red_circle_words.png"]
     panel = (PANEL, round(90 * PANEL / 120))
     assert png_size(paths[0]) == grid_size(panel, 1)
     assert png_size(paths[1]) == grid_size(panel, 2 + 3)          # image, sentence, three words
+    (itc_path,) = write_heat_pictures(model, tok, image, ["the red circle"], str(tmp_path), "photo", "itc")
+    assert os.path.basename(itc_path) == "photo__the_red_circle_itc.png" and png_size(itc_path) == grid_size(panel, 1)
     with pytest.raises(ValueError, match="empty once cleaned"):
-        word_heat_maps(model, tok, image, " ?! ")
+        heat_maps(model, tok, image, " ?! ")
 
 
 def test_visualize_command_line_and_its_errors(corpus, tmp_path, capsys):

@@ -39,21 +39,13 @@ SPLIT_FILES = {"train": "refcoco+_train.json", "val": "refcoco+_val.json", "test
 
 
 def _attributes(count: int, rng: random.Random) -> list[tuple[str, str]]:
-    """`count` distinct (colour, shape) pairs; each after the first shares the colour of an earlier
-    one with probability 1/3, its kind with probability 1/3."""
-    pairs = [(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)))]
-    while len(pairs) < count:
-        colour, shape = rng.choice(pairs)
-        draw = rng.random()
-        if draw < 1 / 3:
-            shape = rng.choice([s for s in SHAPES if s != shape])
-        elif draw < 2 / 3:
-            colour = rng.choice([c for c in COLOURS if c != colour])
-        else:
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(list(SHAPES))
-        if (colour, shape) not in pairs:
-            pairs.append((colour, shape))
-    return pairs
+    """`count` (colour, shape) pairs of distinct colours; each after the first is of the kind of an
+    earlier one with probability 1/2 (so the kind alone often does not tell them apart)."""
+    colours = rng.sample(list(COLOURS), count)
+    shapes = [rng.choice(list(SHAPES))]
+    for _ in range(count - 1):
+        shapes.append(rng.choice(shapes) if rng.random() < 0.5 else rng.choice(list(SHAPES)))
+    return list(zip(colours, shapes))
 
 
 def _overlap(a, b, margin: float = 0.0) -> bool:

@@ -64,6 +64,19 @@ def proposal_scores(heat: torch.Tensor, boxes: torch.Tensor, exponent: float = A
     return torch.where(area > 0, scores, torch.full_like(scores, -torch.inf))
 
 
+def heat_on_box(heat: torch.Tensor, box) -> bool:
+    """Whether a heat map at the image's resolution is higher on average inside the [x, y, w, h] box
+    (rows and columns cut as proposals are) than outside it: where a picture shows the heat."""
+    h, w = heat.shape
+    x0, y0 = min(max(int(box[0]), 0), w), min(max(int(box[1]), 0), h)
+    x1, y1 = min(max(int(box[0] + box[2]), x0), w), min(max(int(box[1] + box[3]), y0), h)
+    inside = heat[y0:y1, x0:x1].double()
+    n_in, n_out = inside.numel(), h * w - inside.numel()
+    if not n_in or not n_out:
+        return False
+    return bool(inside.sum() / n_in > (heat.double().sum() - inside.sum()) / n_out)
+
+
 def best_proposal(heat: torch.Tensor, boxes: torch.Tensor) -> int:
     """The index of the highest-scoring box (the first of equals). ALBEF starts its search at a
     score of 0, so where no box scores above 0 it keeps the previous expression's box; here the
@@ -176,6 +189,20 @@ def read_grounding_set(path: str, proposals: str, image_root: Optional[str] = No
     return GroundingSet(expressions, boxes, skipped)
 
 
+def proposal_baselines(data: GroundingSet) -> dict:
+    """Accuracy (%) of choices that look at no image and no text: "random", a proposal drawn at
+    random (its expected accuracy: the share of the image's proposals with IoU >= 0.5), and
+    "largest", the proposal of the largest area (the first of equals)."""
+    random_hits = largest_hits = 0.0
+    for e in data.expressions:
+        boxes = data.proposals[e.image_id]
+        hits = [box_iou(b, e.box) >= IOU_THRESHOLD for b in boxes.tolist()]
+        random_hits += sum(hits) / len(hits)
+        largest_hits += hits[int((boxes[:, 2] * boxes[:, 3]).argmax())]
+    n = len(data.expressions)
+    return {"random": 100.0 * random_hits / n, "largest": 100.0 * largest_hits / n}
+
+
 # ---- evaluation -------------------------------------------------------------------------------
 
 def _load(expressions: list, img_size: int) -> tuple[list, list]:
@@ -200,10 +227,11 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
                        mode: str = "itm", layer: Optional[int] = None, batch_size: int = 32,
                        split_ranks: Optional[bool] = None) -> dict:
     """Accuracy (%) of the best-scoring proposal of every expression, overall ("acc") and per
-    split ("acc_<split>"), with the counts, the skipped samples and "predictions" ([n, 5]: the
-    chosen box x, y, w, h and its IoU per expression in file order, NaN where skipped). Call on
-    every rank of the split (default: all ranks of the process group when there is one); every
-    rank returns the same."""
+    split ("acc_<split>"); "heat_on_box": the share (%) of expressions whose heat map is higher
+    inside the referred box than outside it; the counts, the skipped samples and "predictions"
+    ([n, 5]: the chosen box x, y, w, h and its IoU per expression in file order, NaN where
+    skipped). Call on every rank of the split (default: all ranks of the process group when there
+    is one); every rank returns the same."""
     from ..models.gradcam import default_gradcam_layer, gradcam, resize_map
     from ..tokenizer import tokenize
 
@@ -212,7 +240,8 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     device, dtype = device_dtype(model)
     splits = data.splits
     n = len(data.expressions)
-    counts = torch.zeros(len(splits) + 1, 2, dtype=torch.float64)      # [correct, seen] per split; last: unreadable
+    # per split: [correct, seen, heat on the referred box]; the last row's first: unreadable images
+    counts = torch.zeros(len(splits) + 1, 3, dtype=torch.float64)
     rows = []
     was_training = model.training
     model.eval()
@@ -231,12 +260,12 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
                     e = items[j]
                     width, height = sizes[j]
                     boxes = data.proposals[e.image_id]
-                    chosen = boxes[best_proposal(resize_map(heat, height, width), boxes)]
+                    heat = resize_map(heat, height, width)
+                    chosen = boxes[best_proposal(heat, boxes)]
                     iou = box_iou(chosen.tolist(), e.box)
                     out[j, :4], out[j, 4] = chosen, iou
                     s = splits.index(e.split)
-                    counts[s, 0] += iou >= IOU_THRESHOLD
-                    counts[s, 1] += 1
+                    counts[s] += torch.tensor([iou >= IOU_THRESHOLD, 1, heat_on_box(heat, e.box)])
             rows.append(out)
         counts = dist.sum_over_split(counts, world, device).cpu()
         local = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64)
@@ -252,7 +281,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     for s, name in enumerate(splits):
         if counts[s, 1]:
             metrics[f"acc_{name}"] = 100.0 * counts[s, 0].item() / counts[s, 1].item()
-    metrics.update(expressions=int(seen), counts={name: int(counts[s, 1]) for s, name in enumerate(splits)},
+    metrics.update(heat_on_box=100.0 * counts[:-1, 2].sum().item() / seen, expressions=int(seen), counts={name: int(counts[s, 1]) for s, name in enumerate(splits)},
                    skipped={k: skipped.get(k, 0) for k in SKIP_REASONS}, mode=mode, layer=layer,
                    predictions=predictions)
     return metrics
@@ -261,7 +290,8 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
 def format_grounding(metrics: dict) -> str:
     splits = [k[4:] for k in metrics if k.startswith("acc_")]
     lines = [f"grounding ({metrics['mode']} Grad-CAM, layer {metrics['layer']}): {metrics['expressions']} "
-             f"expressions, accuracy {metrics['acc']:.2f}%"]
+             f"expressions, accuracy {metrics['acc']:.2f}% (heat higher on the referred box than off it: "
+             f"{metrics['heat_on_box']:.1f}%)"]
     lines += [f"  {s:>6}: {metrics['acc_' + s]:.2f}% of {metrics['counts'][s]}" for s in splits]
     skipped = {k: v for k, v in metrics["skipped"].items() if v}
     if skipped:

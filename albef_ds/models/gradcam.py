@@ -26,19 +26,18 @@ from .albef import TEMP_RANGE
 
 MODES = ("itm", "itc")
 # ALBEF's --block_num 8: the third of six fusion layers (BERT layer 8) for ITM, ViT block 8 of 12 for ITC.
-OFFICIAL_LAYER = 8
-OFFICIAL_FUSION_INDEX = 2
+OFFICIAL_FUSION = (2, 6)
+OFFICIAL_BLOCK = (8, 12)
 
 
 def default_gradcam_layer(cfg: ModelConfig, mode: str) -> int:
-    """ALBEF's choice, placed in this model: the third fusion layer (ITM) or ViT block 8 (ITC).
-    A model with fewer takes the last fusion layer but one (in the last layer only the [CLS]
-    token's attention still reaches the ITM head: every other token's map would be zero), or
-    its last ViT block."""
+    """ALBEF's choice at the same relative depth of this model: the third of six fusion layers
+    (ITM: BERT layer 8 of the base model) or ViT block 8 of 12 (ITC). The tiny model (two fusion
+    layers, four blocks): BERT layer 2, the first fusion layer, and ViT block 2."""
     if mode == "itm":
         t = cfg.text
-        return min(t.fusion_start + OFFICIAL_FUSION_INDEX, max(t.fusion_start, t.layers - 2))
-    return min(OFFICIAL_LAYER, cfg.vision.depth - 1)
+        return t.fusion_start + OFFICIAL_FUSION[0] * (t.layers - t.fusion_start) // OFFICIAL_FUSION[1]
+    return OFFICIAL_BLOCK[0] * cfg.vision.depth // OFFICIAL_BLOCK[1]
 
 
 def check_gradcam(cfg: ModelConfig, mode: str, layer: int) -> None:

@@ -248,6 +248,16 @@ def test_heat_on_box_hand_worked():
     assert not heat_on_box(heat, [0, 0, 10, 10]) and not heat_on_box(heat, [3, 3, 0, 2])    # nothing outside / inside
 
 
+def test_proposal_baselines_hand_worked():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 10, 10], [0, 0, 40, 40]], dtype=torch.float64)
+    expressions = [Expression("a.png", "t", 1, "1", (0, 0, 10, 10), "val"),     # 1 of 3 boxes, not the largest
+                   Expression("a.png", "t", 2, "1", (0, 0, 40, 40), "val"),     # the largest box
+                   Expression("b.png", "t", 3, "2", (5, 5, 2, 2), "val")]       # no box passes IoU 0.5
+    got = proposal_baselines(GroundingSet(expressions, {"1": boxes, "2": boxes[:2]}))
+    assert got["random"] == pytest.approx(100 * (1 / 3 + 1 / 3 + 0) / 3)
+    assert got["largest"] == pytest.approx(100 / 3)
+
+
 def test_resize_map_is_bicubic_at_the_image_size():
     heat = torch.rand(8, 8)
     out = resize_map(heat, 30, 50)
@@ -470,3 +480,13 @@ def test_visualize_refuses_a_model_without_an_itm_head(monkeypatch, tmp_path, co
                                  "--text", "a", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="checkpoint vqa.pth holds a Linear, which has no ITM head"):
         visualize.run(args)
+
+
+def test_demo_pictures_of_two_heldout_images(tmp_path):
+    from albef_ds.pictures import write_demo_pictures
+
+    cfg = albef_ds.load_config("tiny", ["data.synthetic.train_samples=4", "data.synthetic.heldout_samples=3",
+                                        "data.synthetic.samples_per_shard=4"])
+    paths = write_demo_pictures(tiny_albef(), cfg, str(tmp_path))
+    assert len(paths) == 4 and all(p.startswith(str(tmp_path / "pictures" / "heldout_")) for p in paths)
+    assert all(png_size(p) for p in paths)

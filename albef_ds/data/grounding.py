@@ -2,6 +2,7 @@
 train transform (the image resized whole, so the geometry the expressions describe is kept)."""
 from __future__ import annotations
 
+import json
 import random
 from typing import Union
 
@@ -10,9 +11,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from ..tokenizer import clean_caption
-from .codec import CaptionCodec, decode_images, key_id
-from .samples import sample_captions, sample_meta
+from .codec import CaptionCodec, key_id
+from .samples import sample_meta
 from .transforms import EvalTransform, rand_augment, to_normalized_tensor
 
 
@@ -48,17 +48,14 @@ class ExpressionCodec(CaptionCodec):
     def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
         try:
             meta = sample_meta(raw)
-            texts = [meta["text"]] if isinstance(meta.get("text"), str) else sample_captions(raw)
         except ValueError:                      # UnicodeDecodeError, JSONDecodeError
             return "bad_text"
-        texts = [t for t in (clean_caption(t, self.max_words) for t in texts) if t]
-        if not texts:
-            return "empty_caption"
-        text = rng.choice(texts)
-        images = decode_images(raw, 1, self.transform, rng)
-        if isinstance(images, str):
-            return images
-        return {"image": images[0], "caption": text, "image_name": str(meta.get("image", key))}
+        if isinstance(meta.get("text"), str):   # a grounding entry: the expression is its caption
+            raw = {**raw, "json": json.dumps({**meta, "caption": meta["text"]}).encode("utf-8")}
+        sample = super().decode(raw, key, rng)
+        if isinstance(sample, dict):
+            sample["image_name"] = str(meta.get("image", key))
+        return sample
 
     def collate(self, samples: list[dict], keys: list[str]) -> dict:
         batch = super().collate(samples, keys)

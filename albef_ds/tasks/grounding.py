@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..config import ConfigError
 from ..eval.grounding import GroundingEvaluator, format_grounding
-from .retrieval import RetrievalTask
+from .retrieval import RetrievalTask, eval_text_lengths
 
 
 @dataclass
@@ -69,21 +69,16 @@ class GroundingTask(RetrievalTask):
         parser.add_argument("--mode", choices=("itm", "itc"), default="itm",
                             help="Grad-CAM of the ITM logit at a fusion layer, or of ITC at a ViT block")
         parser.add_argument("--gradcam_layer", type=int, default=None, help="BERT layer (itm) or ViT block "
-                            "(itc), 0-based; default: ALBEF's (layer 8 = the third fusion layer; block 8)")
+                            "(itc), 0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
         from .. import distributed as dist
-        from ..config import load_config
         from ..eval.grounding import evaluate_grounding, read_grounding_set
         from ..models.gradcam import check_gradcam, default_gradcam_layer
         from ..tokenizer import build_tokenizer
 
-        max_tokens, max_words = 30, 30                 # ALBEF's evaluation text length
-        if args.config:
-            cfg = load_config(args.config)
-            max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
-        max_tokens = min(max_tokens, model.cfg.text.max_position)
+        max_tokens, max_words = eval_text_lengths(args.config, model)
         layer = default_gradcam_layer(model.cfg, args.mode) if args.gradcam_layer is None else args.gradcam_layer
         try:
             check_gradcam(model.cfg, args.mode, layer)

@@ -40,15 +40,10 @@ class RetrievalTask(PretrainTask):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..config import load_config
         from ..eval.retrieval import evaluate_retrieval, images_of_this_rank, read_retrieval_set
         from ..tokenizer import build_tokenizer
 
-        max_tokens, max_words = 30, 30                 # ALBEF's evaluation text length
-        if args.config:
-            cfg = load_config(args.config)
-            max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
-        max_tokens = min(max_tokens, model.cfg.text.max_position)
+        max_tokens, max_words = eval_text_lengths(args.config, model)
         # the pictures need every image on rank 0: then every rank keeps them all
         keep = None if args.show else images_of_this_rank(args.batch_size)
         data = read_retrieval_set(args.data, args.image_root, max_words, keep)
@@ -70,6 +65,18 @@ class RetrievalTask(PretrainTask):
 
         return format_table(metrics, f"retrieval: {metrics['images']} images, {metrics['texts']} texts, "
                                      f"k_test {metrics['k_test']}")
+
+
+def eval_text_lengths(config, model) -> tuple[int, int]:
+    """(max_tokens, max_words) of an evaluation command: the --config's data section, else ALBEF's
+    evaluation length (30, 30); at most the model's positions."""
+    from ..config import load_config
+
+    max_tokens, max_words = 30, 30
+    if config:
+        cfg = load_config(config)
+        max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
+    return min(max_tokens, model.cfg.text.max_position), max_words
 
 
 TASK = RetrievalTask

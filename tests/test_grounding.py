@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -490,3 +491,28 @@ def test_demo_pictures_of_two_heldout_images(tmp_path):
     paths = write_demo_pictures(tiny_albef(), cfg, str(tmp_path))
     assert len(paths) == 4 and all(p.startswith(str(tmp_path / "pictures" / "heldout_")) for p in paths)
     assert all(png_size(p) for p in paths)
+
+
+def test_the_task_checks_its_options_and_evaluation_data(corpus):
+    from albef_ds.config import ConfigError
+    from albef_ds.tasks import get_task
+
+    cfg = albef_ds.load_config("tiny_grounding", [f"data.corpora=[{{annotations: [{corpus['train']}]}}]"])
+    assert albef_ds.load_config(cfg.to_dict()).to_dict() == cfg.to_dict()           # stored configs load back
+    task = get_task(cfg)
+    task.check(1)
+    assert type(task.build_model()).__name__ == "ContrastiveModel" and not task.build_model().mlm
+    for override, message in (("grounding.mode=cam", "grounding.mode / grounding.gradcam_layer: Grad-CAM mode 'cam'"),
+                              ("grounding.gradcam_layer=4", "ViT blocks are 0..3")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            get_task(albef_ds.load_config(cfg, [override])).check(1)
+    with pytest.raises(ConfigError, match="grounding evaluation needs eval.data"):
+        get_task(albef_ds.load_config(cfg, ["eval.data=[]"])).evaluator("unused")
+    bad = albef_ds.load_config(cfg, [f"eval.data=[{corpus['val']}]", f"grounding.dets={corpus['train']}"])
+    with pytest.raises(ConfigError, match="holds a list, not"):
+        get_task(bad).evaluator("unused")
+    good = albef_ds.load_config(cfg, [f"eval.data=[{corpus['val']}, {corpus['test']}]", f"grounding.dets={corpus['dets']}",
+                                      f"eval.image_root={corpus['image_root']}"])
+    evaluator = get_task(good).evaluator("unused")
+    assert evaluator.data.splits == ["val", "testA", "testB"]
+    assert set(evaluator(tiny_albef())) >= set(get_task(good).eval_metrics)

@@ -511,7 +511,8 @@ def test_the_task_checks_its_options_and_evaluation_data(corpus):
     bad = albef_ds.load_config(cfg, [f"eval.data=[{corpus['val']}]", f"grounding.dets={corpus['train']}"])
     with pytest.raises(ConfigError, match="holds a list, not"):
         get_task(bad).evaluator("unused")
-    good = albef_ds.load_config(cfg, [f"eval.data=[{corpus['val']}, {corpus['test']}]", f"grounding.dets={corpus['dets']}",
+    good = albef_ds.load_config(cfg, [f"eval.data=[{corpus['val']}, {corpus['test']}]",
+                                      f"grounding.dets={corpus['dets']}",
                                       f"eval.image_root={corpus['image_root']}"])
     evaluator = get_task(good).evaluator("unused")
     assert evaluator.data.splits == ["val", "testA", "testB"]

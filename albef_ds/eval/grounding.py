@@ -281,7 +281,8 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     for s, name in enumerate(splits):
         if counts[s, 1]:
             metrics[f"acc_{name}"] = 100.0 * counts[s, 0].item() / counts[s, 1].item()
-    metrics.update(heat_on_box=100.0 * counts[:-1, 2].sum().item() / seen, expressions=int(seen), counts={name: int(counts[s, 1]) for s, name in enumerate(splits)},
+    metrics.update(heat_on_box=100.0 * counts[:-1, 2].sum().item() / seen, expressions=int(seen),
+                   counts={name: int(counts[s, 1]) for s, name in enumerate(splits)},
                    skipped={k: skipped.get(k, 0) for k in SKIP_REASONS}, mode=mode, layer=layer,
                    predictions=predictions)
     return metrics

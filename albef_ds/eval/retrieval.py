@@ -252,7 +252,8 @@ def write_top_images(data: RetrievalSet, score_t2i: torch.Tensor, output_dir: st
     for t in picks:
         scores, top = score_t2i[t].topk(min(k, score_t2i.shape[1]))
         panels = [ImageOps.pad(decode_image(data.images[i]), (PANEL, PANEL), color="white") for i in top.tolist()]
-        labels = [f"{r + 1}: " + (f"{s:.2f}" if s != NOT_RERANKED else "not re-ranked") for r, s in enumerate(scores.tolist())]
+        labels = [f"{r + 1}: " + (f"{s:.2f}" if s != NOT_RERANKED else "not re-ranked")
+                  for r, s in enumerate(scores.tolist())]
         frames = ["#20a020" if i == txt2img[t] else None for i in top.tolist()]
         title = f"{texts[t]}   (own image {'framed' if txt2img[t] in top.tolist() else f'not in the top {k}'})"
         picture = labelled_grid(panels, labels, title, bar=False, outlines=frames, columns=k)

@@ -69,7 +69,8 @@ class GroundingTask(RetrievalTask):
         parser.add_argument("--mode", choices=("itm", "itc"), default="itm",
                             help="Grad-CAM of the ITM logit at a fusion layer, or of ITC at a ViT block")
         parser.add_argument("--gradcam_layer", type=int, default=None, help="BERT layer (itm) or ViT block "
-                            "(itc), 0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
+                            "(itc), 0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 "
+                            "of the base model)")
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:

@@ -40,13 +40,17 @@ class RetrievalTask(PretrainTask):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
+        from ..config import ConfigError
         from ..eval.retrieval import evaluate_retrieval, images_of_this_rank, read_retrieval_set
         from ..tokenizer import build_tokenizer
 
         max_tokens, max_words = eval_text_lengths(args.config, model)
         # the pictures need every image on rank 0: then every rank keeps them all
         keep = None if args.show else images_of_this_rank(args.batch_size)
-        data = read_retrieval_set(args.data, args.image_root, max_words, keep)
+        try:
+            data = read_retrieval_set(args.data, args.image_root, max_words, keep)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--data {args.data}: {exc}") from None
         out = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
                                  max_tokens, args.k_test, args.batch_size, args.add_sim, return_scores=bool(args.show))
         out.update(add_sim=args.add_sim)

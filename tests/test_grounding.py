@@ -313,11 +313,12 @@ def test_generated_corpus_in_albef_formats(corpus):
 def test_expression_codec_ids_by_image_file(corpus):
     import random
 
-    from albef_ds.data.grounding import ExpressionCodec, grounding_transform
+    from albef_ds.data.grounding import ExpressionCodec
     from albef_ds.data.samples import annotation_sample
+    from albef_ds.data.transforms import build_transform
 
     tok = build_tokenizer("tiny_vocab.txt")
-    codec = ExpressionCodec(tok, grounding_transform(64, True), 30, 16)
+    codec = ExpressionCodec(tok, build_transform(64, True, None), 30, 16)
     entries = json.load(open(corpus["train"]))
     same = [e for e in entries if e["image"] == entries[0]["image"]]
     other = next(e for e in entries if e["image"] != entries[0]["image"])
@@ -331,6 +332,22 @@ def test_expression_codec_ids_by_image_file(corpus):
                         "x", random.Random(0)) == "empty_caption"
     assert codec.decode(annotation_sample("x", {"image": "nope.png", "text": "a"}, corpus["image_root"]),
                         "x", random.Random(0)) == "missing_image"
+
+
+def test_grounding_trains_on_the_whole_image():
+    """The grounding configs set data.crop_scale null (ALBEF's grounding transform: resized whole,
+    no crop) and the task's codec takes it, as retrieval's takes its (0.5, 1)."""
+    from albef_ds.config import load_config
+    from albef_ds.data.transforms import TrainTransform
+    from albef_ds.tasks import get_task
+
+    for name in ("grounding", "tiny_grounding"):
+        assert load_config(name).data.crop_scale is None
+    cfg = load_config("tiny_grounding", ["data.augment=true"])
+    transform = get_task(cfg).codec(build_tokenizer(cfg.model.text.tokenizer), train=True).transform
+    assert isinstance(transform, TrainTransform) and transform.crop_scale is None
+    cfg = load_config("tiny_grounding", ["data.augment=true", "data.crop_scale=[0.5, 1.0]"])
+    assert get_task(cfg).codec(build_tokenizer(cfg.model.text.tokenizer), train=True).transform.crop_scale == (0.5, 1.0)
 
 
 def test_read_grounding_set_counts_and_names_bad_input(corpus, tmp_path):

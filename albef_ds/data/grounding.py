@@ -1,5 +1,6 @@
-"""What grounding fine-tuning reads: referring expressions with their images, and ALBEF's grounding
-train transform (the image resized whole, so the geometry the expressions describe is kept)."""
+"""What grounding fine-tuning reads: referring expressions with their images. (Its train transform
+is every task's, data.transforms: the grounding configs set data.crop_scale null, ALBEF's grounding
+transform, the image resized whole so the geometry the expressions describe is kept.)"""
 from __future__ import annotations
 
 import json
@@ -7,32 +8,9 @@ import random
 from typing import Union
 
 import torch
-import torchvision.transforms.v2.functional as F
-from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from .codec import CaptionCodec, key_id
 from .samples import sample_meta
-from .transforms import EvalTransform, rand_augment, to_normalized_tensor
-
-
-class ResizeFlipAugment:
-    """ALBEF's grounding train transform: resize to img_size x img_size (bicubic, no crop),
-    horizontal flip, RandAugment(2, 7), CLIP norm. (ALBEF flips whatever the text says, "left"
-    and "right" included.)"""
-
-    def __init__(self, img_size: int):
-        self.img_size = img_size
-
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = F.resize(image, [self.img_size, self.img_size], interpolation=InterpolationMode.BICUBIC)
-        if rng.random() < 0.5:
-            image = F.horizontal_flip(image)
-        return to_normalized_tensor(rand_augment(image, rng))
-
-
-def grounding_transform(img_size: int, augment: bool):
-    return ResizeFlipAugment(img_size) if augment else EvalTransform(img_size)
 
 
 class ExpressionCodec(CaptionCodec):

@@ -48,10 +48,13 @@ class GroundingTask(RetrievalTask):
             raise ConfigError(f"grounding.mode / grounding.gradcam_layer: {exc}") from None
 
     def codec(self, tokenizer, train: bool):
-        from ..data.grounding import ExpressionCodec, grounding_transform
+        from ..data.grounding import ExpressionCodec
+        from ..data.transforms import build_transform
 
+        # data.crop_scale as every task's; the grounding configs' null is ALBEF's grounding transform
+        # (the image resized whole, so the geometry the expressions describe is kept)
         d = self.cfg.data
-        transform = grounding_transform(self.cfg.model.vision.img_size, d.augment and train)
+        transform = build_transform(self.cfg.model.vision.img_size, d.augment and train, d.crop_scale)
         return ExpressionCodec(tokenizer, transform, d.max_words, d.max_tokens)
 
     def evaluator(self, output_dir: str) -> GroundingEvaluator:

@@ -1,7 +1,8 @@
 """Grad-CAM pictures of a checkpoint: where in the image the model sees each word of a text.
 
     python -m albef_ds.visualize --checkpoint PATH --image photo.jpg --text "a dog holding a frisbee" \
-        --output_dir DIR [--mode itm|itc] [--gradcam_layer N] [--config CFG] [--device cpu|cuda]
+        --output_dir DIR [--mode itm|itc] [--gradcam_layer N] [--config CFG] [--device cpu|cuda] \
+        [--trust_checkpoint]
 
 --image: an image file or a folder of them; --text: a text, or --texts FILE with one text per line
 (every image is drawn with every text). For each pair, DIR/<image>__<text>.png holds the
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=None, help="config to load the checkpoint into (default: its own), "
                     "whose data.max_tokens is used")
     ap.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
+    ap.add_argument("--trust_checkpoint", action="store_true", help="load a checkpoint that holds objects "
+                    "beyond tensors (unpickling them could run code): only files from a source you trust")
     return ap.parse_args(argv)
 
 
@@ -69,7 +72,7 @@ def run(args) -> list[str]:
 
     images, texts = _images(args.image), _texts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device)
+    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, ALBEF):
         raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
     max_tokens = 30
@@ -90,15 +93,13 @@ def run(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from albef_ds.config import ConfigError
-    from albef_ds.io import ConversionError
+    from albef_ds.cli import INPUT_ERRORS, report_input_error
 
     args = parse_args(argv)
     try:
         paths = run(args)
-    except (ValueError, OSError, ConfigError, ConversionError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except (ValueError, OSError) + INPUT_ERRORS as exc:
+        return report_input_error(exc)
     print("\n".join(paths), flush=True)
     return 0
 

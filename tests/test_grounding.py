@@ -500,6 +500,35 @@ def test_visualize_refuses_a_model_without_an_itm_head(monkeypatch, tmp_path, co
         visualize.run(args)
 
 
+class _Trap:
+    """Unpickling it touches a marker file (what a crafted checkpoint could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_visualize_loads_checkpoints_weights_only(monkeypatch, tmp_path, corpus, capsys):
+    """As every command line: a file that would run code is refused on one line naming it and the
+    opt-in; --trust_checkpoint passes trusted=True."""
+    from albef_ds import visualize
+
+    marker, path = tmp_path / "unpickled.marker", str(tmp_path / "crafted.pth")
+    torch.save({"model": tiny_albef().state_dict(), "extra": _Trap(str(marker))}, path)
+    image = os.path.join(corpus["image_root"], "images", "000020.png")
+    argv = ["--checkpoint", path, "--image", image, "--text", "a", "--output_dir", str(tmp_path / "out")]
+    assert visualize.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and path in err and "--trust_checkpoint" in err and not marker.exists()
+    seen = {}
+    monkeypatch.setattr(albef_ds, "load_model", lambda *a, **k: seen.update(k) or torch.nn.Linear(2, 2))
+    assert visualize.main(argv + ["--trust_checkpoint"]) == 2 and seen["trusted"] is True
+
+
 def test_demo_pictures_of_two_heldout_images(tmp_path):
     from albef_ds.pictures import write_demo_pictures
 

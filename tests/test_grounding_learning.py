@@ -13,7 +13,6 @@ from helpers import run_ranks
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_PRETRAINED = os.path.join(ROOT, "tests", "data", "tiny_pretrained.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +92,6 @@ def test_two_ranks_equal_one_process_and_the_command_line(corpus, tmp_path):
 
 
 # ---- learning --------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_pretrained():
-    """The tiny ALBEF pretrained on the shapes corpus (tests/conftest.py's fixture once merged)."""
-    return TINY_PRETRAINED
-
 
 def _finetune(rank, world, out_dir, corpus, checkpoint):
     import time

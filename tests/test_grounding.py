@@ -539,6 +539,43 @@ def test_demo_pictures_of_two_heldout_images(tmp_path):
     assert all(png_size(p) for p in paths)
 
 
+def test_the_demo_ends_with_its_pictures(monkeypatch, tmp_path):
+    """albef_ds/train.py without --config (the demo) draws the pictures after its held-out
+    evaluation, on every rank, with the engine, the run's config and its folder; a configured run
+    does not. (The training is stubbed: the drawing itself is the test above.)"""
+    import albef_ds.engine
+    import albef_ds.eval.shapes_probe
+    import albef_ds.pictures
+    from albef_ds import train
+
+    calls = []
+
+    class Trainer:
+        def __init__(self, cfg, ds_config, output_dir, resume=None):
+            self.cfg, self.engine, self.total_steps = cfg, "engine", 0
+            self.ds_config = {"zero_optimization": {"stage": 2}}
+
+        def train(self):
+            return 0
+
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setattr(albef_ds.engine, "Trainer", Trainer)
+    monkeypatch.setattr(albef_ds.eval.shapes_probe, "evaluate_heldout", lambda *a: calls.append(("heldout", *a)))
+    monkeypatch.setattr(albef_ds.pictures, "write_demo_pictures", lambda *a: calls.append(("pictures", *a)))
+    out = str(tmp_path / "demo")
+    assert train._run(train.parse_args(["--deepspeed", "ds_configs/zero2.json", "--output_dir", out]), demo=True) == 0
+    heldout, pictures, close = calls
+    cfg = heldout[2]
+    assert heldout == ("heldout", "engine", cfg, out) and pictures == ("pictures", "engine", cfg, out)
+    assert close == "close"
+    assert cfg.task == "pretrain" and cfg.data.synthetic is not None
+    calls.clear()
+    args = train.parse_args(["--deepspeed", "ds_configs/zero2.json", "--config", "tiny", "--output_dir", out])
+    assert train._run(args, demo=False) == 0 and calls == ["close"]
+
+
 def test_the_task_checks_its_options_and_evaluation_data(corpus):
     from albef_ds.config import ConfigError
     from albef_ds.tasks import get_task

@@ -4,7 +4,8 @@
         [--max_steps N] [--resume [TAG]] [key=value ...]
 
 With no --config it runs the built-in demo: the tiny model pretrained on a generated corpus of
-shapes, ending with its held-out evaluation. Also runs under torchrun, srun (slurm/common.sh) and
+shapes, ending with its held-out evaluation and Grad-CAM pictures of held-out images
+(OUTPUT_DIR/pictures). Also runs under torchrun, srun (slurm/common.sh) and
 mpirun, or as a single plain process.
 """
 from __future__ import annotations
@@ -62,10 +63,13 @@ def _run(args, demo: bool) -> int:
               flush=True)
     code = trainer.train()
     if code == 0 and demo:
-        # The demo ends with what the model learned: held-out retrieval, ITM and attribute MLM.
+        # The demo ends with what the model learned: held-out retrieval, ITM and attribute MLM, and
+        # Grad-CAM pictures of held-out images (every rank: ZeRO-3 gathers; rank 0 draws them).
         from albef_ds.eval.shapes_probe import evaluate_heldout
+        from albef_ds.pictures import write_demo_pictures
 
         evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
+        write_demo_pictures(trainer.engine, trainer.cfg, output_dir)
     trainer.close()
     return code
 

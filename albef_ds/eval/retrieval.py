@@ -235,6 +235,32 @@ def evaluate_retrieval(model, data: RetrievalSet, tokenizer, img_size: int, max_
     return out
 
 
+def write_top_images(data: RetrievalSet, score_t2i: torch.Tensor, output_dir: str, queries: int,
+                     k: int = 5) -> list[str]:
+    """Pictures of the k best-scored images of `queries` text queries spread evenly over the set
+    (score_t2i [texts, images], as evaluate_retrieval returns it): the query as title, each image
+    with its rank and score, the query's own image framed in green. Needs every image's bytes
+    (or path). Returns the PNG paths."""
+    from PIL import ImageOps
+
+    from ..data.samples import decode_image
+    from ..pictures import PANEL, labelled_grid, save_png, slug
+
+    texts, txt2img = data.texts, data.txt2img
+    picks = sorted({round(i * (len(texts) - 1) / max(1, queries - 1)) for i in range(min(queries, len(texts)))})
+    paths = []
+    for t in picks:
+        scores, top = score_t2i[t].topk(min(k, score_t2i.shape[1]))
+        panels = [ImageOps.pad(decode_image(data.images[i]), (PANEL, PANEL), color="white") for i in top.tolist()]
+        labels = [f"{r + 1}: " + (f"{s:.2f}" if s != NOT_RERANKED else "not re-ranked")
+                  for r, s in enumerate(scores.tolist())]
+        frames = ["#20a020" if i == txt2img[t] else None for i in top.tolist()]
+        title = f"{texts[t]}   (own image {'framed' if txt2img[t] in top.tolist() else f'not in the top {k}'})"
+        picture = labelled_grid(panels, labels, title, bar=False, outlines=frames, columns=k)
+        paths.append(save_png(picture, os.path.join(output_dir, f"query{t:05d}_{slug(texts[t])}.png")))
+    return paths
+
+
 class RetrievalEvaluator:
     """The retrieval evaluation of a training run: eval.data (or the held-out split of the
     generated corpus), read when the run starts: a missing or unreadable set is a ConfigError then,

@@ -47,6 +47,10 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
         self.self = QKV(cfg.hidden, kv_width)
         self.output = ResidualOutput(cfg.hidden, cfg.hidden, cfg.layer_norm_eps, cfg.hidden_dropout)
+        # Set (by albef_ds.models.gradcam) only while a heat map is asked for: attend() then
+        # computes the attention probabilities explicitly and hands them to this callable, since
+        # the fused kernels return none. None: the fused path, which training keeps.
+        self.probs_hook = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -58,7 +62,21 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: Optional[torch.Tensor]) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
+        if self.probs_hook is not None:
+            return self.attend_explicitly(q, k, v, mask, p)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return out.transpose(1, 2).flatten(2)
+
+    def attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+        """attend() with the probabilities [B, heads, queries, keys] formed, passed to probs_hook
+        before dropout (where ALBEF's Grad-CAM takes them and their gradient) and then used."""
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1)
+        self.probs_hook(probs)
+        out = F.dropout(probs, p, training=p > 0) @ v
         return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

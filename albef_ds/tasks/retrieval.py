@@ -3,6 +3,7 @@ ITM hard negatives that never pick a caption of the same image, no MLM; evaluate
 retrieval protocol (albef_ds.eval.retrieval), the best val r_mean kept."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..config import ModelConfig
@@ -34,25 +35,32 @@ class RetrievalTask(PretrainTask):
         parser.add_argument("--k_test", type=int, default=128, help="candidates re-ranked per query (0: ITC only)")
         parser.add_argument("--add_sim", action="store_true", help="score = ITM logit + similarity (BLIP) "
                             "instead of ALBEF's ITM logit")
+        parser.add_argument("--show", type=int, default=0, metavar="N", help="also draw the top-5 images of N "
+                            "text queries spread over the set (OUTPUT_DIR/show/*.png)")
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..config import ConfigError, load_config
+        from ..config import ConfigError
         from ..eval.retrieval import evaluate_retrieval, images_of_this_rank, read_retrieval_set
         from ..tokenizer import build_tokenizer
 
-        max_tokens, max_words = 30, 30                 # ALBEF's evaluation text length
-        if args.config:
-            cfg = load_config(args.config)
-            max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
-        max_tokens = min(max_tokens, model.cfg.text.max_position)
+        max_tokens, max_words = eval_text_lengths(args.config, model)
+        # the pictures need every image on rank 0: then every rank keeps them all
+        keep = None if args.show else images_of_this_rank(args.batch_size)
         try:
-            data = read_retrieval_set(args.data, args.image_root, max_words, images_of_this_rank(args.batch_size))
+            data = read_retrieval_set(args.data, args.image_root, max_words, keep)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--data {args.data}: {exc}") from None
         out = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
-                                 max_tokens, args.k_test, args.batch_size, args.add_sim)
+                                 max_tokens, args.k_test, args.batch_size, args.add_sim, return_scores=bool(args.show))
         out.update(add_sim=args.add_sim)
+        if args.show:
+            from .. import distributed as dist
+            from ..eval.retrieval import write_top_images
+
+            _, score_t2i, _ = out.pop("scores")
+            if dist.rank() == 0:
+                out["pictures"] = write_top_images(data, score_t2i, os.path.join(args.output_dir, "show"), args.show)
         return out
 
     @classmethod
@@ -61,6 +69,18 @@ class RetrievalTask(PretrainTask):
 
         return format_table(metrics, f"retrieval: {metrics['images']} images, {metrics['texts']} texts, "
                                      f"k_test {metrics['k_test']}")
+
+
+def eval_text_lengths(config, model) -> tuple[int, int]:
+    """(max_tokens, max_words) of an evaluation command: the --config's data section, else ALBEF's
+    evaluation length (30, 30); at most the model's positions."""
+    from ..config import load_config
+
+    max_tokens, max_words = 30, 30
+    if config:
+        cfg = load_config(config)
+        max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
+    return min(max_tokens, model.cfg.text.max_position), max_words
 
 
 TASK = RetrievalTask

@@ -1,0 +1,149 @@
+"""Grad-CAM heat maps of ALBEF: where in the image the model looks for each word of a text.
+
+Two modes, as ALBEF's grounding code has them:
+  - "itm": the attention of the text tokens to the image patches in one fusion layer's
+    cross-attention, weighted by the gradient of the ITM "match" logit with respect to it. The
+    gradient is clamped at zero, multiplied by the attention and averaged over the heads: one map
+    per text token ([B, L, g, g], padding tokens zero); the sentence's map is the average over its
+    tokens ([CLS] included, padding excluded).
+  - "itc": the [CLS] query's attention to the patches in one ViT block, weighted by the gradient
+    of the image-text similarity (image_feat . text_feat / temp): one map per image-text pair.
+The fused attention kernels return no probabilities, so the chosen layer alone computes them
+explicitly (Attention.attend_explicitly, or timm's own explicit path) while a map is made; nothing
+changes for training. Gradients are taken with torch.autograd.grad, so no parameter's .grad is
+touched, and through the attention only: a model whose weights need no gradient works too.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .albef import TEMP_RANGE
+
+MODES = ("itm", "itc")
+# ALBEF's --block_num 8: the third of six fusion layers (BERT layer 8) for ITM, ViT block 8 of 12 for ITC.
+OFFICIAL_FUSION = (2, 6)
+OFFICIAL_BLOCK = (8, 12)
+
+
+def default_gradcam_layer(cfg: ModelConfig, mode: str) -> int:
+    """ALBEF's choice at the same relative depth of this model: the third of six fusion layers
+    (ITM: BERT layer 8 of the base model) or ViT block 8 of 12 (ITC). The tiny model (two fusion
+    layers, four blocks): BERT layer 2, the first fusion layer, and ViT block 2."""
+    if mode == "itm":
+        t = cfg.text
+        return t.fusion_start + OFFICIAL_FUSION[0] * (t.layers - t.fusion_start) // OFFICIAL_FUSION[1]
+    return OFFICIAL_BLOCK[0] * cfg.vision.depth // OFFICIAL_BLOCK[1]
+
+
+def check_gradcam(cfg: ModelConfig, mode: str, layer: int) -> None:
+    """ValueError naming the mode or layer when this model has no such layer to take a map from."""
+    if mode not in MODES:
+        raise ValueError(f"Grad-CAM mode '{mode}' is not one of {', '.join(MODES)}")
+    if mode == "itm":
+        low, high, what = cfg.text.fusion_start, cfg.text.layers, "fusion layers of BERT"
+    else:
+        low, high, what = 0, cfg.vision.depth, "ViT blocks"
+    if not low <= layer < high:
+        raise ValueError(f"Grad-CAM layer {layer} (mode {mode}): the model's {what} are {low}..{high - 1}")
+
+
+@contextlib.contextmanager
+def cross_attention_probs(model, layer: int) -> Iterator[list]:
+    """BERT layer `layer`'s cross-attention computes its probabilities explicitly and appends them
+    ([B, heads, L, 1 + P]) to the yielded list while the context lasts."""
+    attention = model.text_encoder.bert.encoder.layer[layer].crossattention
+    captured: list = []
+    attention.probs_hook = captured.append
+    try:
+        yield captured
+    finally:
+        attention.probs_hook = None
+
+
+@contextlib.contextmanager
+def vit_attention_probs(model, block: int) -> Iterator[list]:
+    """ViT block `block` runs timm's explicit attention and appends its probabilities ([B, heads,
+    1 + P, 1 + P], as they leave attn_drop: ALBEF's choice) to the yielded list."""
+    attention = model.visual_encoder.blocks[block].attn
+    captured: list = []
+    fused = attention.fused_attn
+    attention.fused_attn = False
+    handle = attention.attn_drop.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+        attention.fused_attn = fused
+
+
+def _patch_grid(maps: torch.Tensor) -> torch.Tensor:
+    """[..., P] -> [..., g, g]."""
+    g = int(round(maps.shape[-1] ** 0.5))
+    return maps.reshape(*maps.shape[:-1], g, g)
+
+
+def itm_token_maps(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps [B, L, g, g] float32 per text token, itm logits [B, 2]) of image i with text i:
+    mean over heads of attention * max(d match logit / d attention, 0) in BERT layer `layer`'s
+    cross-attention, the image [CLS] key left out; padding tokens get zero maps."""
+    with torch.no_grad():
+        image_embeds = model.image_embeds(images)
+    with torch.enable_grad():
+        # the gradient is wanted at the attention only: the ViT's graph is not needed
+        image_embeds = image_embeds.detach().requires_grad_()
+        with cross_attention_probs(model, layer) as captured:
+            logits = model.itm_logits(image_embeds, input_ids, attention_mask)
+        (probs,) = captured
+        (grad,) = torch.autograd.grad(logits[:, 1].sum(), probs)
+    cam = (probs[..., 1:] * grad[..., 1:].clamp(min=0)).mean(1)          # [B, L, P]
+    cam = cam * attention_mask[:, :, None].to(cam.dtype)
+    return _patch_grid(cam.detach().float()), logits.detach()
+
+
+def sentence_maps(token_maps: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, g, g]: the token maps averaged over each text's tokens (padding excluded). ALBEF divides
+    by the padded length instead, a factor per text that changes no ranking of its boxes."""
+    valid = attention_mask.to(token_maps.dtype).sum(1).clamp(min=1)
+    return token_maps.sum(1) / valid[:, None, None]
+
+
+def itc_maps(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             block: int) -> torch.Tensor:
+    """[B, g, g] float32: mean over heads of the [CLS] query's attention to the patches in ViT
+    block `block` * max(d similarity(image i, text i) / d attention, 0)."""
+    with torch.no_grad():
+        text_feat = model.text_features(input_ids, attention_mask)
+    with torch.enable_grad():
+        images = images.detach().requires_grad_()
+        with vit_attention_probs(model, block) as captured:
+            image_feat = model.image_features(images)
+        probs = captured[0]
+        sim = (image_feat * text_feat).sum(-1) / model.temp.clamp(*TEMP_RANGE)
+        (grad,) = torch.autograd.grad(sim.sum(), probs)
+    cam = (probs[:, :, 0, 1:] * grad[:, :, 0, 1:].clamp(min=0)).mean(1)   # [B, P]
+    return _patch_grid(cam.detach().float())
+
+
+def gradcam(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            mode: str = "itm", layer: Optional[int] = None) -> torch.Tensor:
+    """The sentence heat map [B, g, g] of image i and text i in `mode` (see the module doc) at
+    `layer` (default: default_gradcam_layer). Run it with the model in eval mode (dropout off)."""
+    layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
+    check_gradcam(model.cfg, mode, layer)
+    if mode == "itm":
+        maps, _ = itm_token_maps(model, images, input_ids, attention_mask, layer)
+        return sentence_maps(maps, attention_mask)
+    return itc_maps(model, images, input_ids, attention_mask, layer)
+
+
+def resize_map(heat: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A [g, g] map at an image's resolution [height, width]: bicubic, align_corners False, with no
+    clamp (the overshoot may dip below zero), as ALBEF's evaluation resizes it."""
+    return F.interpolate(heat[None, None].float(), size=(height, width), mode="bicubic",
+                         align_corners=False)[0, 0]

@@ -1,0 +1,108 @@
+"""Grad-CAM pictures of a checkpoint: where in the image the model sees each word of a text.
+
+    python -m albef_ds.visualize --checkpoint PATH --image photo.jpg --text "a dog holding a frisbee" \
+        --output_dir DIR [--mode itm|itc] [--gradcam_layer N] [--config CFG] [--device cpu|cuda] \
+        [--trust_checkpoint]
+
+--image: an image file or a folder of them; --text: a text, or --texts FILE with one text per line
+(every image is drawn with every text). For each pair, DIR/<image>__<text>.png holds the
+sentence's heat map over the image and, in ITM mode (the default), DIR/<image>__<text>_words.png
+one panel per word, both with a colour bar. Works with any checkpoint that has an ITM head (pretrained, retrieval,
+grounding): a training folder, a converted file or a released ALBEF file. See docs/grounding.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Grad-CAM pictures: where the model sees each word")
+    ap.add_argument("--checkpoint", required=True, help="a training folder, a converted file or a released ALBEF file")
+    ap.add_argument("--image", required=True, help="an image file, or a folder of images")
+    texts = ap.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--text", help="the text to draw")
+    texts.add_argument("--texts", help="a file of texts, one per line")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--mode", choices=("itm", "itc"), default="itm", help="Grad-CAM of the ITM logit at a "
+                    "fusion layer (a panel per word), or of ITC at a ViT block (the sentence's map only)")
+    ap.add_argument("--gradcam_layer", type=int, default=None, help="BERT layer (itm) or ViT block (itc), "
+                    "0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
+    ap.add_argument("--config", default=None, help="config to load the checkpoint into (default: its own), "
+                    "whose data.max_tokens is used")
+    ap.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
+    ap.add_argument("--trust_checkpoint", action="store_true", help="load a checkpoint that holds objects "
+                    "beyond tensors (unpickling them could run code): only files from a source you trust")
+    return ap.parse_args(argv)
+
+
+def _images(path: str) -> list[str]:
+    from albef_ds.data.samples import IMAGE_EXTENSIONS
+
+    if os.path.isdir(path):
+        found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise ValueError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        return found
+    if not os.path.isfile(path):
+        raise ValueError(f"image {path}: no such file or folder")
+    return [path]
+
+
+def _texts(args) -> list[str]:
+    if args.text is not None:
+        return [args.text]
+    with open(args.texts) as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"text file {args.texts} holds no text")
+    return texts
+
+
+def run(args) -> list[str]:
+    import torch
+
+    import albef_ds
+    from albef_ds.data.samples import decode_image
+    from albef_ds.models import ALBEF
+    from albef_ds.pictures import write_heat_pictures
+    from albef_ds.tokenizer import build_tokenizer
+
+    images, texts = _images(args.image), _texts(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
+    if not isinstance(model, ALBEF):
+        raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
+    max_tokens = 30
+    if args.config:
+        max_tokens = albef_ds.load_config(args.config).data.max_tokens
+    max_tokens = min(max_tokens, model.cfg.text.max_position)
+    tokenizer = build_tokenizer(model.cfg.text.tokenizer)
+    paths = []
+    for path in images:
+        try:
+            image = decode_image(path)
+        except Exception as exc:              # PIL raises many types on broken files
+            raise ValueError(f"image {path} cannot be read: {exc}") from None
+        name = os.path.splitext(os.path.basename(path))[0]
+        paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode, max_tokens,
+                                     args.gradcam_layer)
+    return paths
+
+
+def main(argv=None) -> int:
+    from albef_ds.cli import INPUT_ERRORS, report_input_error
+
+    args = parse_args(argv)
+    try:
+        paths = run(args)
+    except (ValueError, OSError) + INPUT_ERRORS as exc:
+        return report_input_error(exc)
+    print("\n".join(paths), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

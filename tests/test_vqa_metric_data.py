@@ -59,7 +59,9 @@ def test_punctuation_is_the_official_step():
 def test_accuracy_overall_and_per_answer_type():
     predictions = ["yes", "2", "red", None]
     annotators = [["yes"] * 10, ["2"] * 2 + ["3"] * 8, ["blue"] * 10, ["red"] * 10]
-    out = accuracy_metrics(predictions, annotators, ["yes/no", "number", "other", "other"])
+    out = accuracy_metrics(predictions, annotators, ["yes/no", "number", "other", "other"],
+                           ["is there", "how many", "what colour", "what colour"])
+    assert out.pop("per_question_type") == pytest.approx({"is there": 100.0, "how many": 60.0, "what colour": 0.0})
     assert out == pytest.approx({"acc": 100 * (1 + 0.6 + 0 + 0) / 4, "acc_yes_no": 100.0,
                                  "acc_number": 60.0, "acc_other": 0.0})
     assert set(accuracy_metrics(predictions, annotators)) == {"acc"}
@@ -184,10 +186,10 @@ def test_generated_corpus_is_in_albefs_format(tmp_path):
     assert all(os.path.isfile(os.path.join(paths["vg_root"], e["image"])) for e in vg)
     every = set(answer_list())
     assert all(set(a) <= every for a in heldout.annotators)
-    assert set(heldout.answer_types) == {"yes/no", "number", "other"}
+    assert set(heldout.answer_types) == {"yes/no", "number", "other"} and set(heldout.question_types) == set(QUESTIONS)
     # annotators disagree on some questions, and most agree with each other
     counts = [max(a.count(x) for x in a) for a in heldout.annotators]
-    assert min(counts) >= 6 and any(c < 10 for c in counts)
+    assert min(counts) >= 8 and any(c < 10 for c in counts)
     assert len({e["question_id"] for e in train}) == len(train)
     # no word outside the tiny vocabulary is needed as a whole: every question tokenizes
     assert all(TOKENIZER.unk_token_id not in TOKENIZER(q)["input_ids"] for q in heldout.questions)
@@ -199,3 +201,21 @@ def test_generated_corpus_is_in_albefs_format(tmp_path):
     assert open(again["train"]).read() == open(paths["train"]).read()
     image = train[0]["image"]
     assert open(os.path.join(paths["vqa_root"], image), "rb").read() == open(os.path.join(again["vqa_root"], image), "rb").read()
+
+
+def test_question_shards_hold_one_sample_per_question(tmp_path):
+    from albef_ds.data.vqa import make_question_shards
+
+    paths = write_vqa_corpus(str(tmp_path / "corpus"), train_images=3, heldout_images=0, vg_images=0)
+    entries = json.loads(open(paths["train"]).read())
+    entries[4] = {**entries[4], "image": "train/missing.png"}
+    summary = make_question_shards(entries, paths["vqa_root"], str(tmp_path / "shards"), "vqa", max_samples=6)
+    assert summary["samples"] == len(entries) - 1 and summary["skipped"] == 1 and summary["shards"] == 3
+    cfg = load_config("tiny_vqa", [f"data.corpora=[{{name: s, shards: ['{summary['pattern']}']}}]", "data.workers=0",
+                                   "data.resampled=false"])
+    stream = ShardStream(cfg.data, VQATask(cfg).codec(TOKENIZER, train=True), 4, 0, 1, 0)
+    batches = list(stream)
+    assert sum(len(b["keys"]) for b in batches) == len(entries) - 1
+    first = batches[0]
+    assert first["answer_question"].max().item() == len(first["keys"]) - 1
+    assert first["answer_weight"].sum().item() == pytest.approx(len(first["keys"]))   # VQA weights sum to 1

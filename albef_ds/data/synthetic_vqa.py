@@ -2,8 +2,8 @@
 
 Each image (1-3 shapes of one colour, kind and size at one position) gets questions about its
 colour, shape, count and position, and a yes/no question ("is there a red circle"), each with ten
-annotators' answers: most give the right one, the others a confusable one (a neighbouring count,
-another colour ...), so the loss weights and the accuracy see disagreement. Files, as ALBEF's:
+annotators' answers: most give the right one, the others another answer of the kind (another
+colour, count ...), so the loss weights and the accuracy see disagreement. Files, as ALBEF's:
 vqa_train.json and vqa_heldout.json (VQA entries with ten answers; held-out on other images, with
 answer and question types), vg_qa.json (Visual Genome style: one answer, its own image root),
 answer_list.json (every answer a question can have, and the confusions).
@@ -20,7 +20,7 @@ from pathlib import Path
 from .synthetic import ALL_ATTRIBUTES, COLOURS, COUNTS, POSITIONS, SHAPES, render
 
 ANNOTATORS = 10
-AGREEING = (6, 10)                   # annotators who give the right answer: 6 to 10 of the ten
+AGREEING = (8, 10)                   # annotators who give the right answer: 8 to 10 of the ten
 SHAPE_NAMES = tuple(SHAPES)
 QUESTIONS = {   # kind -> (templates, answer type); {be} {thing}: "is the shape" or "are the shapes"
     "colour": (("what colour {be} the {thing}", "what is the colour of the {thing}", "which colour {be} shown"),
@@ -41,7 +41,7 @@ def _confusions(kind: str, truth: str) -> list[str]:
     if kind == "shape":
         return [s for s in SHAPE_NAMES if s != truth]
     if kind == "count":
-        return [str(c) for c in COUNTS if abs(c - int(truth)) == 1]
+        return [str(c) for c in COUNTS if str(c) != truth]
     if kind == "position":
         return [p for p in POSITIONS if p != truth]
     return ["no" if truth == "yes" else "yes"]
@@ -51,14 +51,13 @@ def _question(kind: str, attributes: dict, rng: random.Random) -> tuple[str, str
     """(question, right answer) of one kind about an image."""
     templates = QUESTIONS[kind][0]
     be, thing = ("is", "shape") if attributes["count"] == 1 else ("are", "shapes")
-    if kind == "exists":
+    if kind == "exists":            # half the time one of the two is swapped
         colour, shape = attributes["colour"], attributes["shape"]
         truth = rng.random() < 0.5
-        if not truth:               # one attribute swapped
-            if rng.random() < 0.5:
-                colour = rng.choice([c for c in COLOURS if c != colour])
-            else:
-                shape = rng.choice([s for s in SHAPE_NAMES if s != shape])
+        if not truth and rng.random() < 0.5:
+            colour = rng.choice([c for c in COLOURS if c != colour])
+        elif not truth:
+            shape = rng.choice([s for s in SHAPE_NAMES if s != shape])
         return rng.choice(templates).format(colour=colour, shape=shape), "yes" if truth else "no"
     answer = {"colour": attributes["colour"], "shape": attributes["shape"], "count": str(attributes["count"]),
               "position": attributes["position"]}[kind]
@@ -78,20 +77,21 @@ def answer_list() -> list[str]:
     return [*COLOURS, *SHAPE_NAMES, *(str(c) for c in COUNTS), *POSITIONS, "yes", "no"]
 
 
-def _image(root: str, path: str, attributes: dict, size: int, rng: random.Random) -> None:
-    file = os.path.join(root, path)
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    render(attributes, size, rng).save(file, format="PNG")
+def _rendered(root: str, folder: str, images: int, size: int, seed: int):
+    """(index, path, attributes, rng) of `images` new images, written to root/folder/."""
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for index in range(images):
+        rng = random.Random(f"{seed}:{folder}:{index}")
+        attributes = rng.choice(ALL_ATTRIBUTES)
+        path = f"{folder}/{index:06d}.png"
+        render(attributes, size, rng).save(os.path.join(root, path), format="PNG")
+        yield index, path, attributes, rng
 
 
 def _split(root: str, split: str, images: int, size: int, seed: int, first_id: int) -> list[dict]:
     """VQA entries of a split: `images` new images, one question of each kind per image."""
     entries = []
-    for index in range(images):
-        rng = random.Random(f"{seed}:{split}:{index}")
-        attributes = rng.choice(ALL_ATTRIBUTES)
-        path = f"{split}/{index:06d}.png"
-        _image(root, path, attributes, size, rng)
+    for index, path, attributes, rng in _rendered(root, split, images, size, seed):
         for k, kind in enumerate(QUESTIONS):
             question, truth = _question(kind, attributes, rng)
             entries.append({"question_id": first_id + index * len(QUESTIONS) + k, "question": question,
@@ -103,11 +103,7 @@ def _split(root: str, split: str, images: int, size: int, seed: int, first_id: i
 def _vg_split(root: str, images: int, size: int, seed: int) -> list[dict]:
     """Visual Genome style entries: one question per image, one answer (the right one)."""
     entries = []
-    for index in range(images):
-        rng = random.Random(f"{seed}:vg:{index}")
-        attributes = rng.choice(ALL_ATTRIBUTES)
-        path = f"image/{index:06d}.png"
-        _image(root, path, attributes, size, rng)
+    for index, path, attributes, rng in _rendered(root, "image", images, size, seed):
         question, truth = _question(rng.choice(list(QUESTIONS)), attributes, rng)
         entries.append({"question_id": index, "question": question, "answer": truth, "image": path, "dataset": "vg"})
     return entries

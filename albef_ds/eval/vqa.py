@@ -94,15 +94,21 @@ def metric_name(answer_type: str) -> str:
     return "acc_" + re.sub(r"[^0-9a-zA-Z]+", "_", answer_type).strip("_")
 
 
-def accuracy_metrics(predictions: list, annotators: list[list[str]],
-                     answer_types: Optional[list[str]] = None) -> dict:
-    """{"acc": overall, "acc_<type>": per answer type (when given)}, in percent, over every
-    question (a prediction of None scores 0)."""
+def accuracy_metrics(predictions: list, annotators: list[list[str]], answer_types: Optional[list[str]] = None,
+                     question_types: Optional[list[str]] = None) -> dict:
+    """{"acc": overall, "acc_<type>": per answer type, "per_question_type": {type: acc}} (the types
+    when given), in percent, over every question (a prediction of None scores 0)."""
     scores = [question_accuracy(p, a) for p, a in zip(predictions, annotators, strict=True)]
     out = {"acc": 100.0 * sum(scores) / len(scores)}
     if answer_types is not None:
-        by_type = defaultdict(list)
-        for score, kind in zip(scores, answer_types, strict=True):
-            by_type[kind].append(score)
-        out.update({metric_name(kind): 100.0 * sum(s) / len(s) for kind, s in sorted(by_type.items())})
+        out.update({metric_name(kind): acc for kind, acc in _by_type(scores, answer_types).items()})
+    if question_types is not None:
+        out["per_question_type"] = _by_type(scores, question_types)
     return out
+
+
+def _by_type(scores: list[float], types: list[str]) -> dict:
+    by_type = defaultdict(list)
+    for score, kind in zip(scores, types, strict=True):
+        by_type[kind].append(score)
+    return {kind: 100.0 * sum(s) / len(s) for kind, s in sorted(by_type.items())}

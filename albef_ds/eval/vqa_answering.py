@@ -31,17 +31,19 @@ NOT_ANSWERED = -1
 @dataclass
 class VQASet:
     """Questions with their images (file paths) and, when the files have them, the annotators'
-    answers and the answer types."""
+    answers and the answer and question types."""
     question_ids: list
     questions: list
     images: list
     annotators: Optional[list] = None
     answer_types: Optional[list] = None
+    question_types: Optional[list] = None
 
 
 def read_vqa_set(paths: Union[str, list], image_root: Optional[str] = None) -> VQASet:
     """ALBEF's VQA annotation files (a JSON list of {"question_id", "question", "image"[, "answer",
-    "answer_type"]}), in order. Answers count when every entry has one, answer types likewise.
+    "answer_type", "question_type"]}), in order. Answers count when every entry has one, the types
+    likewise.
     ValueError naming the file, the entry and the key that is missing."""
     entries = []
     for path in [paths] if isinstance(paths, str) else paths:
@@ -56,8 +58,9 @@ def read_vqa_set(paths: Union[str, list], image_root: Optional[str] = None) -> V
                   [clean_question(str(e["question"]), QUESTION_WORDS) for e in entries], images)
     if all("answer" in e for e in entries):
         data.annotators = [[e["answer"]] if isinstance(e["answer"], str) else list(e["answer"]) for e in entries]
-    if all("answer_type" in e for e in entries):
-        data.answer_types = [str(e["answer_type"]) for e in entries]
+    for key in ("answer_type", "question_type"):
+        if all(key in e for e in entries):
+            setattr(data, f"{key}s", [str(e[key]) for e in entries])
     return data
 
 
@@ -114,8 +117,8 @@ def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_siz
                  batch_size: int = 64, result_file: Optional[str] = None, split_ranks: Optional[bool] = None) -> dict:
     """Answers every question (a collective over the split, default all ranks of the process group)
     and returns, the same on every rank: questions, answered, skipped (unreadable images, with up
-    to ten of them), k_test, and with the annotators' answers the VQA accuracy ("acc", and
-    "acc_<type>" per answer type). Rank 0 writes `result_file` (the server's format)."""
+    to ten of them), k_test, and with the annotators' answers the VQA accuracy ("acc", "acc_<type>"
+    per answer type, "per_question_type"). Rank 0 writes `result_file` (the server's format)."""
     was_training = model.training
     model.eval()
     try:
@@ -132,7 +135,7 @@ def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_siz
             print(f"warning: {len(skipped)} of {len(answers)} questions not answered: their image could not "
                   f"be read (scored 0; the result file lacks them), e.g. {skipped[:3]}", flush=True)
     if data.annotators is not None:
-        out.update(accuracy_metrics(answers, data.annotators, data.answer_types))
+        out.update(accuracy_metrics(answers, data.annotators, data.answer_types, data.question_types))
     if result_file is not None and dist.rank() == 0:
         result = [{"question_id": q, "answer": a} for q, a in zip(data.question_ids, answers) if a is not None]
         atomic_write(result_file, lambda tmp: Path(tmp).write_text(json.dumps(result)))

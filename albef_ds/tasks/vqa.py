@@ -174,6 +174,8 @@ class VQATask(Task):
             lines.append("  ".join(f"{k} {v:.2f}" for k, v in accuracies.items()))
         else:
             lines.append("no answers in the data: accuracy not computed")
+        if "per_question_type" in metrics:
+            lines.append("per question type: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics["per_question_type"].items()))
         if "result_file" in metrics:
             lines.append(f"answers written to {metrics['result_file']}")
         return "\n".join(lines)

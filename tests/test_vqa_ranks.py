@@ -1,6 +1,7 @@
-"""VQA over real gloo processes: 2 ranks give one process's training losses and gradients, and the
-same answers in evaluation (API and `python -m albef_ds.evaluate vqa`); an unreadable image is
-reported, not dropped; a checkpoint that is not a VQA model stops the command, named."""
+"""VQA over real gloo processes: 2 ranks give one process's training losses and gradients (the
+model alone, and the engine under ZeRO-3 against ZeRO-2 in one process), and the same answers in
+evaluation (API and `python -m albef_ds.evaluate vqa`); an unreadable image is reported, not
+dropped; a checkpoint that is not a VQA model, or a missing answer list, stops the command, named."""
 import contextlib
 import io
 import json
@@ -21,6 +22,7 @@ from test_vqa_model import ANSWER_LIST, TOKENIZER, codec, heldout_questions, sam
 
 pytestmark = pytest.mark.slow
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = 6             # rank 0 gets 3 questions with 6 answers, rank 1 three with 9
 
 
@@ -42,14 +44,51 @@ def losses_and_grads(rank, world):
     return loss, grads, metrics["alpha"]
 
 
-def test_training_losses_and_gradients_over_two_ranks_equal_one_process():
-    loss, grads, alpha = losses_and_grads(0, 1)
+def engine_losses(rank, world, out_dir, stage):
+    """The losses of three steps of the engine under ZeRO `stage`, mean over the ranks."""
+    from albef_ds.engine import Trainer
+
+    cfg = load_config("tiny_vqa", [f"train.batch_size={QUESTIONS // world}", "train.max_steps=3",
+                                   "train.warmup_steps=0", "train.log_every=1", "model.momentum=0.5"])
+    b = QUESTIONS // world
+
+    def batches():
+        step = 0
+        while True:
+            mine = samples(QUESTIONS, seed=step)[rank * b:(rank + 1) * b]
+            yield codec().collate(mine, ["k"] * b)
+            step += 1
+
+    trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), out_dir, batches=batches(),
+                      steps_per_epoch=2)
+    data, losses = iter(trainer.batches), []
+    for _ in range(3):
+        losses.append(trainer.train_step(data)[0]["loss"])
+    losses = torch.stack(losses)
+    if world > 1:                       # each rank's loss is its half's: their mean is the batch's
+        dist.all_reduce(losses)
+        losses /= world
+    trainer.close()
+    return losses.tolist()
+
+
+def training_fn(rank, world, out_dir):
+    """The model's loss and gradients on this rank's questions, then three steps of the engine
+    (ZeRO-2 in one process, ZeRO-3 on 2 ranks; alpha ramped in) on the same global batches."""
+    return losses_and_grads(rank, world), engine_losses(rank, world, out_dir, 3 if world > 1 else 2)
+
+
+def test_training_over_two_ranks_equals_one_process(tmp_path):
+    ((reference, ref_engine),) = run_ranks(training_fn, 1, str(tmp_path / "one"))
+    loss, grads, alpha = reference
     assert alpha == pytest.approx(0.3)             # distillation on (ramped: step 3 of 4)
-    for got_loss, got_grads, _ in run_ranks(losses_and_grads, 2):
+    for (got_loss, got_grads, _), got_engine in run_ranks(training_fn, 2, str(tmp_path / "two")):
         assert got_loss.item() == pytest.approx(loss.item(), rel=1e-5)
         assert got_grads.keys() == grads.keys()
         for name in grads:
             assert torch.allclose(got_grads[name], grads[name], atol=1e-6, rtol=1e-4), name
+        assert got_engine == pytest.approx(ref_engine, rel=1e-5)
+    assert len(set(ref_engine)) == 3               # the steps trained: the losses moved
 
 
 def save(folder, name, model, config):

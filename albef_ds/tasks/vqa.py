@@ -98,6 +98,9 @@ class VQATask(Task):
     def check(self, world_size: int) -> None:
         from ..data.vqa import check_training_files
 
+        if self.cfg.train.compile:
+            raise ConfigError("train.compile is not supported for vqa: the number and length of the answers "
+                              "change every batch, and each new shape would compile the decoder layers again")
         try:
             check_training_files(self.cfg.data.corpora)
         except ValueError as exc:

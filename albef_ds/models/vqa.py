@@ -66,6 +66,9 @@ def predicted_tokens(answer_ids: torch.Tensor, positions: torch.Tensor) -> tuple
 
 
 class VQAModel(nn.Module):
+    """visual_encoder, text_encoder (the question encoder) and text_decoder, named as ALBEF's VQA
+    model (albef_ds.checkpoint.released maps the released file's BERT naming)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

@@ -97,14 +97,13 @@ def rand_augment(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 class TrainTransform:
-    """RandomResizedCrop(scale 0.2-1 (`scale`), bicubic), horizontal flip, RandAugment(2, 7), CLIP norm."""
+    """RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, RandAugment(2, 7), CLIP norm."""
 
-    def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0)):
+    def __init__(self, img_size: int):
         self.img_size = img_size
-        self.scale = scale
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        top, left, h, w = random_resized_crop_box(rng, image.width, image.height, self.scale)
+        top, left, h, w = random_resized_crop_box(rng, image.width, image.height)
         image = F.resized_crop(image, top, left, h, w, [self.img_size, self.img_size],
                                interpolation=InterpolationMode.BICUBIC)
         if rng.random() < 0.5:

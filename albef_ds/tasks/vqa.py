@@ -25,7 +25,6 @@ from .base import StepContext, Task, TrainingModel
 from .momentum import add_momentum_copies
 
 MOMENTUM_PARTS = ("visual_encoder", "text_encoder", "text_decoder")
-CROP_SCALE = (0.5, 1.0)               # ALBEF's VQA crops keep at least half the image
 _LAYER = re.compile(r"bert\.encoder\.layer\.(\d+)\.(.+)")
 
 
@@ -129,11 +128,10 @@ class VQATask(Task):
         return out
 
     def codec(self, tokenizer, train: bool):
-        from ..data.transforms import EvalTransform, TrainTransform
+        from ..data.transforms import build_transform
         from ..data.vqa import VQACodec
 
-        img, augment = self.cfg.model.vision.img_size, self.cfg.data.augment and train
-        transform = TrainTransform(img, scale=CROP_SCALE) if augment else EvalTransform(img)
+        transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train)
         return VQACodec(tokenizer, transform, self.cfg.data.max_words, self.cfg.data.max_tokens,
                         self.cfg.model.text.max_position)
 

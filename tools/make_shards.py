@@ -15,12 +15,39 @@ to the shards.
 import argparse
 import json
 import os
+import sys
 
+from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.config import ConfigError
 from albef_ds.data.shards import make_shards
 from albef_ds.data.vqa import TRAIN_KEYS, check_entries, make_question_shards
 
 
-def main() -> None:
+def read_annotations(paths: list[str], image_root: str, keys: tuple | None = None) -> list:
+    """The entries of every annotation file; a file that cannot be read, or an image root that is
+    not a folder, is a ConfigError naming it. With `keys` (VQA files), an entry that is not a dict
+    with every key is a ConfigError naming the file, the entry and the key."""
+    if not os.path.isdir(image_root):
+        raise ConfigError(f"--image-root {image_root} is not a folder")
+    annotations = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read annotation file {path}: {exc}") from None
+        if not isinstance(entries, list):
+            raise ConfigError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
+        if keys is not None:
+            try:
+                check_entries(entries, path, keys)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        annotations += entries
+    return annotations
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", nargs="+", required=True, help="ALBEF annotation JSON file(s)")
     parser.add_argument("--image-root", required=True, help="folder the annotation image paths start from")
@@ -29,20 +56,21 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=10000, help="images per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="shards written in parallel")
     parser.add_argument("--vqa", action="store_true", help="VQA files: one sample per question")
-    args = parser.parse_args()
-    annotations = []
-    for path in args.ann:
-        with open(path) as f:
-            entries = json.load(f)
+    args = parser.parse_args(argv)
+    try:
+        annotations = read_annotations(args.ann, args.image_root, TRAIN_KEYS if args.vqa else None)
         if args.vqa:
-            check_entries(entries, path, TRAIN_KEYS)
-        annotations += entries
-    if args.vqa:
-        summary = make_question_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples)
-    else:
-        summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples, args.workers)
+            if not annotations:
+                raise ConfigError(f"--ann {' '.join(args.ann)}: the annotation files list no questions")
+            summary = make_question_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples)
+        else:
+            summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples,
+                                  args.workers)
+    except INPUT_ERRORS as exc:
+        return report_input_error(exc)
     print(json.dumps(summary, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

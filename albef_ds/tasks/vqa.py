@@ -131,7 +131,8 @@ class VQATask(Task):
         from ..data.transforms import build_transform
         from ..data.vqa import VQACodec
 
-        transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train)
+        transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train,
+                                    self.cfg.data.crop_scale)
         return VQACodec(tokenizer, transform, self.cfg.data.max_words, self.cfg.data.max_tokens,
                         self.cfg.model.text.max_position)
 

@@ -205,6 +205,49 @@ def test_generated_corpus_is_in_albefs_format(tmp_path):
     assert open(os.path.join(paths["vqa_root"], image), "rb").read() == open(os.path.join(again["vqa_root"], image), "rb").read()
 
 
+def test_the_codec_crops_at_the_fine_tuning_scale():
+    """ALBEF's VQA recipe crops at (0.5, 1): vqa.yaml says so, and the codec's training transform
+    takes data.crop_scale (null: the whole image resized); evaluation does not crop."""
+    from albef_ds.data.transforms import TrainTransform
+
+    assert load_config("vqa").data.crop_scale == [0.5, 1.0]
+    assert load_config("tiny_vqa").data.crop_scale == [0.5, 1.0]
+    for scale, expected in (([0.5, 1.0], (0.5, 1.0)), ([0.3, 0.9], (0.3, 0.9)), (None, None)):
+        cfg = load_config("tiny_vqa", ["data.augment=true", f"data.crop_scale={scale if scale else 'null'}"])
+        transform = VQATask(cfg).codec(TOKENIZER, train=True).transform
+        assert isinstance(transform, TrainTransform) and transform.crop_scale == expected
+        assert isinstance(VQATask(cfg).codec(TOKENIZER, train=False).transform, EvalTransform)
+
+
+def test_make_shards_vqa_reports_bad_files_in_one_line(tmp_path, capsys):
+    """tools/make_shards.py --vqa: an entry without a VQA key, a file that is not JSON, a missing
+    image root, no questions: one line naming what to fix, exit status 2 (as without --vqa)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_shards", os.path.join(root, "tools", "make_shards.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    main = tool.main
+
+    paths = write_vqa_corpus(str(tmp_path / "corpus"), train_images=2, heldout_images=0, vg_images=0)
+    entries = json.loads(open(paths["train"]).read())
+    bad = tmp_path / "bad.json"
+    common = ["--image-root", paths["vqa_root"], "--out", str(tmp_path / "shards"), "--prefix", "vqa", "--vqa"]
+    cases = [([{k: v for k, v in e.items() if k != "answer"} for e in entries], "bad.json: entry 0 has no 'answer'"),
+             ("[{\"image\": ", "cannot read annotation file " + str(bad)),
+             ([], "list no questions")]
+    for content, expected in cases:
+        bad.write_text(content if isinstance(content, str) else json.dumps(content))
+        assert main(["--ann", str(bad), *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert main(["--ann", paths["train"], *common[:1], str(tmp_path / "nowhere"), *common[2:]]) == 2
+    assert f"--image-root {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    assert main(["--ann", paths["train"], *common]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == len(entries)
+
+
 def test_question_shards_hold_one_sample_per_question(tmp_path):
     from albef_ds.data.vqa import make_question_shards
 

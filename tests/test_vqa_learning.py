@@ -17,13 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = dict(train_images=400, heldout_images=60, vg_images=100)
 
 
-@pytest.fixture(scope="session")
-def tiny_pretrained():
-    path = os.path.join(ROOT, "tests", "data", "tiny_pretrained.safetensors")
-    assert os.path.isfile(path), f"{path} is missing: `make tiny-pretrained` writes it"
-    return path
-
-
 def finetune_and_evaluate(rank, world, out_dir, corpus, train_file, vg_file, init, consolidate):
     from albef_ds import load_model
     from albef_ds.checkpoint.files import convert

@@ -264,3 +264,17 @@ def test_question_shards_hold_one_sample_per_question(tmp_path):
     first = batches[0]
     assert first["answer_question"].max().item() == len(first["keys"]) - 1
     assert first["answer_weight"].sum().item() == pytest.approx(len(first["keys"]))   # VQA weights sum to 1
+
+
+def test_make_vqa_corpus_reports_an_unwritable_folder_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_vqa_corpus", os.path.join(root, "tools", "make_vqa_corpus.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert tool.main(["--out", str(tmp_path / "taken"), "--train_images", "2", "--heldout_images", "1",
+                      "--vg_images", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / "taken") in err[0], err

@@ -6,9 +6,11 @@
 
 Annotation files are ALBEF's pretraining lists: [{"image": path relative to --image-root,
 "caption": str or [str, ...]}, ...]. One sample per image: an image listed several times gets all
-its captions (json "caption" list; the stream draws one per visit). Images are copied as they
-are (jpg / png / webp). Prints a JSON summary whose "pattern" goes into the config's
-data.corpora[].shards; sample counts go to sizes.json next to the shards.
+its captions (json "caption" list; the stream draws one per visit). With --vqa they are ALBEF's
+VQA files (vqa_train.json, vqa_val.json, vg_qa.json: one image root each): one sample per question,
+the entry as its json. Images are copied as they are (jpg / png / webp). Prints a JSON summary
+whose "pattern" goes into the config's data.corpora[].shards; sample counts go to sizes.json next
+to the shards.
 """
 import argparse
 import json
@@ -18,11 +20,13 @@ import sys
 from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.data.shards import make_shards
+from albef_ds.data.vqa import TRAIN_KEYS, check_entries, make_question_shards
 
 
-def read_annotations(paths: list[str], image_root: str) -> list:
+def read_annotations(paths: list[str], image_root: str, keys: tuple | None = None) -> list:
     """The entries of every annotation file; a file that cannot be read, or an image root that is
-    not a folder, is a ConfigError naming it."""
+    not a folder, is a ConfigError naming it. With `keys` (VQA files), an entry that is not a dict
+    with every key is a ConfigError naming the file, the entry and the key."""
     if not os.path.isdir(image_root):
         raise ConfigError(f"--image-root {image_root} is not a folder")
     annotations = []
@@ -34,6 +38,11 @@ def read_annotations(paths: list[str], image_root: str) -> list:
             raise ConfigError(f"cannot read annotation file {path}: {exc}") from None
         if not isinstance(entries, list):
             raise ConfigError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
+        if keys is not None:
+            try:
+                check_entries(entries, path, keys)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         annotations += entries
     return annotations
 
@@ -46,10 +55,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", required=True, help="shard name prefix: <prefix>-00000.tar, ...")
     parser.add_argument("--max-samples", type=int, default=10000, help="images per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="shards written in parallel")
+    parser.add_argument("--vqa", action="store_true", help="VQA files: one sample per question")
     args = parser.parse_args(argv)
     try:
-        annotations = read_annotations(args.ann, args.image_root)
-        summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples, args.workers)
+        annotations = read_annotations(args.ann, args.image_root, TRAIN_KEYS if args.vqa else None)
+        if args.vqa:
+            if not annotations:
+                raise ConfigError(f"--ann {' '.join(args.ann)}: the annotation files list no questions")
+            summary = make_question_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples)
+        else:
+            summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples,
+                                  args.workers)
     except INPUT_ERRORS as exc:
         return report_input_error(exc)
     print(json.dumps(summary, indent=1))

@@ -2,6 +2,8 @@
 encodes them, failures reported by every rank together."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import distributed as dist
@@ -12,14 +14,16 @@ def device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def load_images(sources: list, names: list, indices, img_size: int, failed: list) -> torch.Tensor:
+def load_images(sources: list, names: list, indices, img_size: int, failed: list,
+                failed_rows: Optional[list] = None) -> torch.Tensor:
     """[len(indices), 3, img_size, img_size]: sources[i] (bytes or a path) decoded and resized for
-    evaluation. An image that cannot be read is zeros, its name and error appended to `failed`."""
+    evaluation. An image that cannot be read is zeros, its name and error appended to `failed`
+    (and its row in the result to `failed_rows`, when given)."""
     from ..data.samples import decode_image
     from ..data.transforms import EvalTransform
 
     transform, out = EvalTransform(img_size), []
-    for i in indices:
+    for row, i in enumerate(indices):
         source = sources[i]
         try:
             if source is None:
@@ -27,6 +31,8 @@ def load_images(sources: list, names: list, indices, img_size: int, failed: list
             out.append(transform(decode_image(source)))
         except Exception as exc:          # PIL raises many types; every rank must reach the check
             failed.append(f"{names[i]}: {exc}")
+            if failed_rows is not None:
+                failed_rows.append(row)
             out.append(torch.zeros(3, img_size, img_size))
     return torch.stack(out)
 

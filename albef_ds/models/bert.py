@@ -102,6 +102,18 @@ class Attention(nn.Module):
             start += n
         return self.output(torch.cat(outs) if len(outs) > 1 else outs[0], x)
 
+    def read(self, x: torch.Tensor, states: torch.Tensor, states_mask: torch.Tensor,
+             rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Cross-attention of row i of `x` to the encoder states of row rows[i] (None: row i),
+        keys where states_mask [S, L] is set. The keys and values are projected once per row of
+        `states`, however many rows of `x` read it (a question's answers, VQA)."""
+        q = self.split_heads(self.self.query(x))
+        k, v = self.key_value(states)
+        mask = states_mask.bool()[:, None, None, :]
+        if rows is not None:
+            k, v, mask = k.index_select(0, rows), v.index_select(0, rows), mask.index_select(0, rows)
+        return self.output(self.attend(q, k, v, mask), x)
+
 
 class Intermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -121,10 +133,14 @@ class BertLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = ResidualOutput(cfg.intermediate, cfg.hidden, cfg.layer_norm_eps, cfg.hidden_dropout)
 
-    def forward(self, x, mask, images=None, segments=None):
+    def forward(self, x, mask, images=None, segments=None, memory=None):
+        """`images` and `segments`: the fusion layers' cross-attention (Attention.cross); `memory`:
+        a decoder's, (states, states_mask, rows) (Attention.read)."""
         x = self.attention(x, mask)
         if images is not None:
             x = self.crossattention.cross(x, images, segments)
+        elif memory is not None:
+            x = self.crossattention.read(x, *memory)
         return self.output(self.intermediate(x), x)
 
 
@@ -191,13 +207,16 @@ class MLMHead(nn.Module):
 
 
 class BertTextFusion(nn.Module):
-    """The text encoder (layers below fusion_start), the fusion encoder (the rest) and the MLM head."""
+    """The text encoder (layers below fusion_start), the fusion encoder (the rest) and the MLM head.
+    Built with fusion_start 0 (every layer cross-attends), it is a decoder: `decode`, and the
+    head as its LM head (transformers' BertLMHeadModel)."""
 
-    def __init__(self, cfg: TextConfig, image_width: int):
+    def __init__(self, cfg: TextConfig, image_width: int, mlm_head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.bert = Bert(cfg, image_width)
-        self.cls = MLMHead(cfg, self.bert.embeddings.word_embeddings)
+        if mlm_head:        # without: an encoder whose MLM head a task never uses (VQA's questions)
+            self.cls = MLMHead(cfg, self.bert.embeddings.word_embeddings)
         self.grad_checkpointing = cfg.grad_checkpointing
         self.apply(self._init_weights)
 
@@ -240,6 +259,17 @@ class BertTextFusion(nn.Module):
     def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.cls(states)
 
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor,
+               states_mask: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Left-to-right states [N, L, H] through every layer: token j attends to tokens <= j
+        (padding excluded) and cross-attends to the encoder states of row rows[i] (see
+        Attention.read)."""
+        x = self.bert.embeddings(input_ids)
+        n = input_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+        mask = causal & self.key_mask(attention_mask)
+        return self._run(self.bert.encoder.layer, x, mask, None, None, (states, states_mask, rows))
+
 
 def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
     """Loads transformers' BERT weights (hub name or local folder) by name; returns the keys that
@@ -255,7 +285,8 @@ def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
         raise ValueError(f"BERT weights at '{name_or_path}' do not match model.text: "
                          + ", ".join(f"{k} is {got}, config says {want}" for k, (got, want) in wrong.items()))
     state = BertForMaskedLM.from_pretrained(name_or_path).state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("bert.pooler")}
+    state = {k: v for k, v in state.items()
+             if not k.startswith("bert.pooler") and (hasattr(module, "cls") or not k.startswith("cls."))}
     result = module.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"BERT weights at '{name_or_path}' have keys this model lacks: {result.unexpected_keys[:5]}")

@@ -1,4 +1,4 @@
-"""ALBEF's pretraining objectives as pure functions on tensors.
+"""ALBEF's objectives (pretraining, fine-tuning, VQA) as pure functions on tensors.
 
 Nothing here knows about modules, ranks or queues: callers pass the (possibly all-gathered)
 features and get losses back, so the same functions serve one process and a whole cluster.
@@ -121,6 +121,18 @@ def mlm_mask(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, pad_t
     return masked, labels
 
 
+def distilled_token_loss(logits: torch.Tensor, targets: torch.Tensor, logits_m: Optional[torch.Tensor],
+                         alpha: float) -> torch.Tensor:
+    """Per token [M]: cross entropy of logits [M, V] with targets [M], and with momentum distillation
+    (1 - alpha) * CE + alpha * soft-CE against softmax(logits_m)."""
+    log_probs = F.log_softmax(logits.float(), -1)          # once, for both terms: [M, vocabulary]
+    per_token = F.nll_loss(log_probs, targets, reduction="none")
+    if logits_m is not None and alpha > 0:
+        soft = -(log_probs * F.softmax(logits_m.float(), -1)).sum(-1)
+        per_token = (1 - alpha) * per_token + alpha * soft
+    return per_token
+
+
 def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor], alpha: float,
         normalizer: Optional[torch.Tensor] = None):
     """Masked language modelling with momentum distillation, on the predicted positions only.
@@ -133,11 +145,25 @@ def mlm(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Ten
     if labels.numel() == 0:
         zero = logits.sum() * 0.0
         return zero, zero.detach()
-    log_probs = F.log_softmax(logits.float(), -1)          # once, for both terms: [M, vocabulary]
-    per_token = F.nll_loss(log_probs, labels, reduction="none")
-    if logits_m is not None and alpha > 0:
-        soft = -(log_probs * F.softmax(logits_m.float(), -1)).sum(-1)
-        per_token = (1 - alpha) * per_token + alpha * soft
+    per_token = distilled_token_loss(logits, labels, logits_m, alpha)
     loss = per_token.sum() / (labels.numel() if normalizer is None else normalizer)
     acc = (logits.argmax(-1) == labels).float().mean()
     return loss, acc
+
+
+def answer_losses(logits: torch.Tensor, targets: torch.Tensor, answer: torch.Tensor, num_answers: int,
+                  logits_m: Optional[torch.Tensor] = None, alpha: float = 0.0) -> torch.Tensor:
+    """The decoder's loss of each answer [num_answers]: the next-token cross entropy summed over the
+    answer's predicted tokens (its words and [SEP]); with momentum distillation each token's loss is
+    (1 - alpha) * CE + alpha * soft-CE against softmax(logits_m).
+
+    logits, logits_m: [T, V] at the T predicted tokens of all answers; targets [T]; answer [T], the
+    answer each token belongs to."""
+    per_token = distilled_token_loss(logits, targets, logits_m, alpha)
+    return per_token.new_zeros(num_answers).index_add(0, answer, per_token)
+
+
+def vqa_loss(per_answer: torch.Tensor, weights: torch.Tensor, num_questions: int) -> torch.Tensor:
+    """ALBEF's VQA loss: each answer's loss weighted (the share of the annotators who gave it; 0.5
+    for a Visual Genome answer), summed and divided by the number of questions."""
+    return (weights.to(per_answer.dtype) * per_answer).sum() / num_questions

@@ -1,0 +1,160 @@
+"""VQA samples: ALBEF's annotation files (questions, annotators' answers, images), the answer weights
+of the training loss, answer tokens, the training codec, and shards of one sample per question.
+
+ALBEF's files are JSON lists of entries: {"question_id", "question", "answer", "image", "dataset"}.
+"answer" is the list of the annotators' answers for VQA v2 ("dataset": "vqa", ten per question)
+and a single string for Visual Genome ("vg"); test files have no answer. "image" is relative to
+the image root of its dataset: one corpus per image root (data.corpora[].image_root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Union
+
+import torch
+
+# ALBEF deletes the same characters from questions as from captions
+from ..tokenizer import _DELETED, tokenize
+from .codec import SampleCodec, decode_images, stack
+from .samples import IMAGE_EXTENSIONS, sample_meta
+from .shards import brace_pattern, read_annotations, write_shard, write_sizes
+
+VG_WEIGHT = 0.5                       # the weight of a Visual Genome answer in the loss
+TRAIN_KEYS = ("question", "answer", "image")
+TEST_KEYS = ("question_id", "question", "image")
+
+
+def clean_question(question: str, max_words: int) -> str:
+    """ALBEF's question normalisation: lower-case; `,.'!?"()*#:;~` deleted; `-` and `/` become
+    spaces; trailing spaces stripped; at most `max_words` words (split on single spaces)."""
+    text = _DELETED.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def answer_weights(entry: dict) -> tuple[list[str], list[float]]:
+    """The distinct answers of a training entry and their loss weights: for VQA the share of the
+    annotators who gave each (in order of first appearance, summing to 1), for Visual Genome its
+    one answer with weight VG_WEIGHT. Raises TypeError / KeyError for an entry without answers."""
+    answer = entry["answer"]
+    if entry.get("dataset") == "vg":
+        if not isinstance(answer, str):
+            raise TypeError(f"a Visual Genome answer is a string, not {type(answer).__name__}")
+        return [answer], [VG_WEIGHT]
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise TypeError("the answers are not a non-empty list of strings")
+    weights: dict[str, float] = {}
+    for a in answers:
+        weights[a] = weights.get(a, 0.0) + 1.0 / len(answers)
+    return list(weights), list(weights.values())
+
+
+def answer_tokens(tokenizer, answers: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [N, longest]: `[CLS] answer [SEP]` per answer, padded to the longest (the
+    decoder learns to end an answer with [SEP]); at most `max_length` tokens."""
+    pieces = tokenizer(list(answers), add_special_tokens=False, truncation=True,
+                       max_length=max_length - 2)["input_ids"]
+    rows = [[tokenizer.cls_token_id, *p, tokenizer.sep_token_id] for p in pieces]
+    longest = max(map(len, rows))
+    ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def check_entries(entries: list, path: str, keys: tuple) -> None:
+    """Every entry of an annotation file is a dict with `keys` (ValueError naming the file, the
+    entry and the key)."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(entry).__name__}, not an annotation dict")
+        for key in keys:
+            if key not in entry:
+                raise ValueError(f"{path}: entry {i} has no '{key}' (VQA entries have {', '.join(keys)})")
+
+
+def check_training_files(corpora: list) -> None:
+    """The annotation files that corpora read directly are VQA training files (ValueError naming
+    the file, the entry and the missing key). One that cannot be read is left to the corpora's
+    own check, which names it."""
+    for corpus in corpora:
+        for path in map(os.path.expandvars, corpus.annotations):
+            try:
+                entries = read_annotations(path)
+            except (OSError, ValueError):
+                continue
+            check_entries(entries, path, TRAIN_KEYS)
+
+
+class VQACodec(SampleCodec):
+    """A question with its image and weighted answers. The batch: image [B, 3, H, W], input_ids and
+    attention_mask [B, max_tokens] (the question, `[CLS] words`), and the answers of all
+    questions flattened: answer_ids and answer_mask [N, La] (`[CLS] answer [SEP]`, padded to the
+    longest), answer_weight [N], answer_question [N] (the question each belongs to)."""
+    skip_reasons = ("empty_question", "no_answer")
+
+    def __init__(self, tokenizer, transform, max_words: int, max_tokens: int, max_answer_tokens: int):
+        self.tokenizer, self.transform = tokenizer, transform
+        self.max_words, self.max_tokens, self.max_answer_tokens = max_words, max_tokens, max_answer_tokens
+
+    def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
+        try:
+            meta = sample_meta(raw)
+        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
+            return "bad_text"
+        question = meta.get("question")
+        question = clean_question(question, self.max_words) if isinstance(question, str) else ""
+        if not question:
+            return "empty_question"
+        try:
+            answers, weights = answer_weights(meta)
+        except (KeyError, TypeError):
+            return "no_answer"
+        images = decode_images(raw, 1, self.transform, rng)
+        if isinstance(images, str):
+            return images
+        return {"image": images[0], "question": question, "answers": answers, "weights": weights}
+
+    def collate(self, samples: list[dict], keys: list[str]) -> dict:
+        batch = {"image": stack([s["image"] for s in samples])}
+        batch["input_ids"], batch["attention_mask"] = tokenize(
+            self.tokenizer, [s["question"] for s in samples], self.max_tokens)
+        batch["answer_ids"], batch["answer_mask"] = answer_tokens(
+            self.tokenizer, [a for s in samples for a in s["answers"]], self.max_answer_tokens)
+        batch["answer_weight"] = torch.tensor([w for s in samples for w in s["weights"]])
+        batch["answer_question"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["answers"]])
+        return batch
+
+
+def make_question_shards(entries: list[dict], image_root: str, out_dir: str, prefix: str,
+                         max_samples: int = 10000) -> dict:
+    """Writes `<out_dir>/<prefix>-NNNNN.tar` shards of one sample per question (the entry as json,
+    its image as stored) and sizes.json. Returns {"pattern", "samples", "shards", "skipped"}
+    (skipped: an image missing or not jpg/png/webp)."""
+    if not entries:
+        raise ValueError("the annotation files list no questions")
+    os.makedirs(out_dir, exist_ok=True)
+    sizes, skipped = {}, 0
+
+    def samples(first: int):
+        nonlocal skipped
+        for index, entry in enumerate(entries[first:first + max_samples], first):
+            ext = IMAGE_EXTENSIONS.get(Path(entry["image"]).suffix.lower())
+            file = os.path.join(image_root, entry["image"])
+            if ext is None or not os.path.isfile(file):
+                skipped += 1
+                continue
+            yield {"__key__": f"{index:09d}", ext: Path(file).read_bytes(), "json": json.dumps(entry).encode("utf-8")}
+
+    for shard, first in enumerate(range(0, len(entries), max_samples)):
+        name = f"{prefix}-{shard:05d}.tar"
+        sizes[name] = write_shard(os.path.join(out_dir, name), samples(first))
+    write_sizes(out_dir, sizes)
+    return {"pattern": brace_pattern(out_dir, prefix, len(sizes)), "samples": sum(sizes.values()),
+            "shards": len(sizes), "skipped": skipped}

@@ -25,15 +25,19 @@ def _write_json(path: str, value) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=0)))
 
 
-def write_labelled_corpus(out_dir: str, prefix: str, sizes: dict, config: dict,
-                          make: Callable[[str, int, random.Random], tuple[dict, dict]]) -> dict:
-    """Writes each split of `sizes` ({split: samples}) unless the folder already holds this
-    `config`. make(split, index, rng) -> (annotation entry, {path under images/: PIL image}); a
-    path ending .jpg is written as JPEG (quality 95, no chroma subsampling: the colours stay
-    exact enough to name), any other as PNG. Returns {"image_root": folder, split: json path}."""
+def write_labelled_corpus(out_dir: str, prefix: str, version: int,
+                          make_sample: Callable[[str, int, random.Random, int], tuple[dict, dict]],
+                          train: int = 4000, dev: int = 400, test: int = 400, image_size: int = 64,
+                          seed: int = 0) -> dict:
+    """Writes <prefix>_train/dev/test.json of that many samples and their images, unless the
+    folder already holds this corpus. make_sample(split, index, rng, image_size) -> (annotation
+    entry, {path under images/: PIL image}); a path ending .jpg is written as JPEG (quality 95, no
+    chroma subsampling: the colours stay exact enough to name), any other as PNG. Returns
+    {"image_root": folder, "train": json path, "dev": ..., "test": ...}."""
     out_dir = os.path.abspath(out_dir)
     manifest_path = os.path.join(out_dir, MANIFEST)
-    wanted = {"prefix": prefix, "sizes": sizes, "config": config}
+    sizes = {"train": train, "dev": dev, "test": test}
+    wanted = {"prefix": prefix, "version": version, "sizes": sizes, "image_size": image_size, "seed": seed}
     result = {"image_root": out_dir, **{split: os.path.join(out_dir, f"{prefix}_{split}.json") for split in sizes}}
     if os.path.isfile(manifest_path) and json.loads(Path(manifest_path).read_text()) == wanted:
         return result
@@ -41,7 +45,7 @@ def write_labelled_corpus(out_dir: str, prefix: str, sizes: dict, config: dict,
     for split, count in sizes.items():
         entries = []
         for index in range(count):
-            entry, images = make(split, index, random.Random(f"{config.get('seed', 0)}:{split}:{index}"))
+            entry, images = make_sample(split, index, random.Random(f"{seed}:{split}:{index}"), image_size)
             for name, image in images.items():
                 _save(image, os.path.join(out_dir, IMAGE_DIR, name))
             entries.append(entry)

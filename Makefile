@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast tiny-pretrained
 install: $(STAMP)
 
 # The built-in demo: tiny ALBEF on a generated corpus, 2 CPU ranks under the deepspeed launcher.
@@ -34,3 +34,13 @@ test: $(STAMP)
 # Unit tests only (no ranks, launchers, cluster or training runs): a few minutes.
 test-fast: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests
+
+# The tiny pretrained checkpoint the downstream tasks' tests start from (shipped as
+# tests/data/tiny_pretrained.safetensors, online weights, fp32): the demo's pretraining on one
+# rank without distillation (tests/test_learning.py's recipe), then its conversion.
+tiny-pretrained: $(STAMP)
+	rm -rf output/tiny_pretrained
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 1 albef_ds/train.py --deepspeed ds_configs/zero2.json \
+		--output_dir output/tiny_pretrained model.alpha=0.0 train.save_every=1000000 train.log_every=500
+	$(PY) tools/convert_checkpoint.py --input output/tiny_pretrained \
+		--output tests/data/tiny_pretrained.safetensors --no-momentum

@@ -69,8 +69,10 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
-    # A checkpoint to start from: our single-file format or a released ALBEF file.
+    # A checkpoint to start from: our single-file format, a released ALBEF file or a training folder.
     init_checkpoint: Optional[str] = None
+    # Load it even if it holds objects beyond tensors and plain containers (that could run code).
+    trust_init_checkpoint: bool = False
 
     def architecture_only(self) -> "ModelConfig":
         """The same architecture with no pretrained weights to fetch and no checkpoint to load."""
@@ -106,10 +108,16 @@ class DataConfig:
     epoch_samples: int = 0           # samples per epoch over all ranks; 0: sum of corpus sizes
     workers: int = 2
     resampled: bool = True
-    shuffle_buffer: int = 1000
+    # shard draws each data worker keeps open and interleaves sample by sample: a batch of 64 spans
+    # about min(64, open_shards) shards and mixes the corpora by weight (docs/data.md)
+    open_shards: int = 16
+    shuffle_buffer: int = 1000       # shared by the open draws
     max_words: int = 30
     max_tokens: int = 30
     augment: bool = True
+    # RandomResizedCrop's area fraction: ALBEF pretrains with (0.2, 1) and fine-tunes with (0.5, 1);
+    # null: resize the whole image (the grounding recipe, whose boxes must stay where they are)
+    crop_scale: Optional[list] = field(default_factory=lambda: [0.2, 1.0])
 
 
 @dataclass
@@ -155,7 +163,7 @@ class EvalConfig:
 # (zero intervals divide by zero thousands of steps in, a zero batch or accumulation trains nothing).
 MINIMUMS = {
     "model.embed_dim": 1, "model.queue_size": 1,
-    "data.workers": 0, "data.epoch_samples": 0, "data.shuffle_buffer": 1, "data.max_words": 1,
+    "data.workers": 0, "data.epoch_samples": 0, "data.shuffle_buffer": 1, "data.open_shards": 1, "data.max_words": 1,
     "data.max_tokens": 2,                                  # [CLS] and one word
     "train.batch_size": 1, "train.grad_accum": 1, "train.epochs": 0, "train.max_steps": 0,
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
@@ -233,6 +241,11 @@ def _convert(hint, value, path):
             raise ConfigError(f"config key '{path}' has value {value!r}, expected float") from None
     if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint.__name__}")
+    if hint is list:
+        if isinstance(value, str):
+            return [value]                # one shard pattern, annotation file or eval file
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' has value {value!r}, expected a list")
     if path.endswith("corpora"):
         return [build_section(CorpusConfig, c, f"{path}[{i}]") for i, c in enumerate(value)]
     return value
@@ -248,8 +261,13 @@ def resolve_config_path(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict:
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: " + " ".join(str(exc).split())) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path} holds a {type(values).__name__}, not a mapping of sections")
     base = values.pop("base", None)
     if base is None:
         return values
@@ -328,6 +346,9 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{key} is {value(key)}: it must be above 0")
     if not config.train.epochs and not config.train.max_steps:
         raise ConfigError("train.epochs and train.max_steps are both 0: nothing to train")
+    scale = config.data.crop_scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"data.crop_scale {scale} must be [low, high] with 0 < low <= high <= 1, or null")
 
 
 def validate_model_config(m: ModelConfig) -> None:

@@ -18,8 +18,8 @@ import sys
 import torch
 
 from albef_ds import distributed as dist
+from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError
-from albef_ds.io import ConversionError
 
 METRICS_FILE = "metrics.json"
 
@@ -42,6 +42,8 @@ def parse_args(argv=None):
         p.add_argument("--config", default=None, help="config (shipped name or yaml) to load the checkpoint into, "
                        "and whose data.max_tokens / max_words to use (default: the checkpoint's own config)")
         p.add_argument("--batch_size", type=int, default=64)
+        p.add_argument("--trust_checkpoint", action="store_true", help="load a checkpoint that holds objects "
+                       "beyond tensors (unpickling them could run code): only files from a source you trust")
         cls.add_eval_arguments(p)
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # deepspeed launcher
     return ap.parse_args(argv)
@@ -52,10 +54,8 @@ def main(argv=None) -> int:
     started = dist.init_distributed()        # any launcher, or a process group of one
     try:
         return _evaluate_command(args)
-    except (ConfigError, ConversionError) as exc:
-        if dist.rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except INPUT_ERRORS as exc:       # every rank meets it; rank 0 says it
+        return report_input_error(exc)
     finally:
         if started:
             dist.shutdown()
@@ -68,7 +68,7 @@ def _evaluate_command(args) -> int:
     task = task_class(args.task)
     os.makedirs(args.output_dir, exist_ok=True)      # before the work: a bad folder fails now
     device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
-    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device)
+    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, task.inference_class):
         raise ConfigError(f"{args.checkpoint} holds a {type(model).__name__}, not the "
                           f"{task.inference_class.__name__} that `evaluate {args.task}` needs")

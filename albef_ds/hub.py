@@ -35,7 +35,7 @@ def build_model(config: Union[str, dict, Config, ModelConfig] = "tiny") -> nn.Mo
     if not cfg.model.init_checkpoint:
         return task.build_model()
     model = task.build_model(cfg.model.architecture_only())
-    init_from_checkpoint(model, cfg, cfg.model.init_checkpoint)
+    init_from_checkpoint(model, cfg, cfg.model.init_checkpoint, trusted=cfg.model.trust_init_checkpoint)
     return model
 
 
@@ -59,12 +59,12 @@ def load_state(model: nn.Module, state: dict, cfg: Config, source: str = "checkp
     return report
 
 
-def init_from_checkpoint(model: nn.Module, cfg: Config, path: str) -> Report:
+def init_from_checkpoint(model: nn.Module, cfg: Config, path: str, trusted: bool = False) -> Report:
     """model.init_checkpoint: our file, a released ALBEF file or a training folder, loaded into a
     freshly built training model of `cfg` (reported on rank 0)."""
     from . import distributed
 
-    ckpt = read_checkpoint(path, config=cfg)
+    ckpt = read_checkpoint(path, config=cfg, trusted=trusted)
     report = ckpt.report.then(load_state(model, ckpt.state_dict, cfg, ckpt.source, fresh=ckpt.fresh))
     if distributed.rank() == 0:
         print(f"model.init_checkpoint: loaded {ckpt.source} ({ckpt.kind})", flush=True)
@@ -74,17 +74,18 @@ def init_from_checkpoint(model: nn.Module, cfg: Config, path: str) -> Report:
 
 
 def load_model(path: str, config=None, device: Union[str, torch.device] = "cpu",
-               tag: Optional[str] = None) -> nn.Module:
+               tag: Optional[str] = None, trusted: bool = False) -> nn.Module:
     """The inference model (albef_ds.models) of a converted file, a released ALBEF file or a
     training folder, in eval mode on `device`: its task's, with the online weights only.
 
     config: None for the config stored with the checkpoint (the shipped `base` config for
     released files without one), else a shipped name, yaml path, dict, Config or ModelConfig;
     pos_embed is resized to its resolution. What the file lacks (the MLM head of a fine-tuned
-    release, ...) keeps its initialisation and is reported as a warning."""
+    release, ...) keeps its initialisation and is reported as a warning. A file holding objects
+    beyond tensors and plain containers is refused unless `trusted` (loading it could run code)."""
     from .tasks import get_task
 
-    ckpt = read_checkpoint(path, tag=tag, config=config)
+    ckpt = read_checkpoint(path, tag=tag, config=config, trusted=trusted)
     task = get_task(ckpt.config)
     model = task.build_inference_model(ckpt.config.model.architecture_only())
     state = prepare(ckpt.state_dict, model_layout(ckpt.config), momentum=False)

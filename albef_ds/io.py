@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import tempfile
-import warnings
 import zipfile
 
 
@@ -67,9 +67,16 @@ def check_readable(path: str) -> None:
         raise ConversionError(f"truncated file: {path} (a torch archive without its end)")
 
 
-def torch_load(path: str, trusted: bool = False):
-    """A torch file on the CPU (memory-mapped when it is a zip archive). `trusted`: our own training
-    files, which hold objects beyond tensors."""
+TRUST_HINT = ("only if you trust its source, load it anyway: --trust_checkpoint on the command line, "
+              "trusted=True in Python, model.trust_init_checkpoint=true for model.init_checkpoint")
+
+
+def torch_load(path: str, trusted: bool = False, allowed: tuple = ()):
+    """A torch file on the CPU (memory-mapped when it is a zip archive), unpickled weights-only:
+    tensors and plain containers, plus the classes in `allowed`. A file that needs anything else
+    (unpickling it could run code) is refused with a ConversionError naming it, unless `trusted`.
+    The released ALBEF files (the official scripts' save_obj: state dicts of the model, optimizer
+    and lr scheduler, the config dict, the epoch) need nothing else."""
     import torch
 
     check_readable(path)
@@ -79,15 +86,14 @@ def torch_load(path: str, trusted: bool = False):
     try:
         if trusted:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        try:
+        with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as exc:
-            if "weights only" not in str(exc).lower():
-                raise
-            warnings.warn(f"{path} holds objects other than tensors and plain containers: loading it "
-                          "with weights_only=False (convert only files you trust)", stacklevel=3)
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except ConversionError:
-        raise
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError ... on bad files
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ConversionError(f"cannot read {path}: UnpicklingError: {exc}") from None
+        needed = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+        raise ConversionError(f"{path} holds objects beyond tensors and plain containers "
+                              f"({needed[0] if needed else 'a Python object'}), which could run code "
+                              f"when loaded: refused; {TRUST_HINT}") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError ... on bad files
         raise ConversionError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None

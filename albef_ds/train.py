@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from albef_ds import distributed as dist
-from albef_ds.config import ConfigError, load_config
+from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.config import load_config
 
 
 def parse_args(argv=None):
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     started = dist.init_distributed()
     try:
         return _run(args, demo=args.config is None)
+    except INPUT_ERRORS as exc:       # every rank meets it; rank 0 says it
+        return report_input_error(exc)
     finally:
         if started:
             dist.shutdown()
@@ -49,13 +52,9 @@ def _run(args, demo: bool) -> int:
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    try:
-        cfg = load_config("tiny" if demo else args.config, overrides)
-        output_dir = args.output_dir or cfg.train.output_dir
-        trainer = Trainer(cfg, args.deepspeed, output_dir, resume=args.resume)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    cfg = load_config("tiny" if demo else args.config, overrides)
+    output_dir = args.output_dir or cfg.train.output_dir
+    trainer = Trainer(cfg, args.deepspeed, output_dir, resume=args.resume)
     if dist.rank() == 0:
         print(f"training {cfg.task}: {trainer.total_steps} steps, global batch "
               f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()} on {dist.world_size()} "

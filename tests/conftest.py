@@ -20,3 +20,10 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained():
+    """The tiny ALBEF pretrained on the shapes corpus, shipped as a file (online weights, fp32; made
+    by `make tiny-pretrained`): where the downstream tasks' learning tests start."""
+    return os.path.join(os.path.dirname(__file__), "data", "tiny_pretrained.safetensors")

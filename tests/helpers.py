@@ -41,7 +41,7 @@ def caption_stream(data_cfg, img_size, tokenizer, batch_size, rank=0, world_size
     """The pretraining stream (image + one caption per sample) over data_cfg's corpora."""
     from albef_ds.data import CaptionCodec, ShardStream, build_transform
 
-    codec = CaptionCodec(tokenizer, build_transform(img_size, data_cfg.augment), data_cfg.max_words,
+    codec = CaptionCodec(tokenizer, build_transform(img_size, data_cfg.augment, data_cfg.crop_scale), data_cfg.max_words,
                          data_cfg.max_tokens, image_ids=image_ids)
     return ShardStream(data_cfg, codec, batch_size, rank, world_size, seed)
 

@@ -47,7 +47,8 @@ def test_one_shard_two_ranks_two_workers_same_batches_per_epoch(tmp_path):
         s = stream(corpus, batch_size=2, rank=rank, world_size=2, epoch_samples=20)
         assert s.steps_per_epoch == 5                   # 20 // (2 x 2), odd: workers make 3 and 2
         batches = take_keys(s, s.steps_per_epoch)
-        assert s.state_dict()["epoch"] == 1 and s.state_dict()["positions"] == [[0, 0, 0], [0, 0, 0]]
+        fresh = {"lanes": [], "next_draw": 0, "taken": 0, "batches": 0}
+        assert s.state_dict()["epoch"] == 1 and s.state_dict()["positions"] == [fresh, fresh]
         batches += take_keys(s, s.steps_per_epoch)
         assert s.state_dict()["epoch"] == 2
         assert all(len(b) == 2 and set(b) <= set(keys) for b in batches)
@@ -99,12 +100,13 @@ def test_exact_resume_with_two_workers(tmp_path, resampled):
 
 def test_resume_skips_without_decoding_or_opening(tmp_path, monkeypatch):
     corpus, _ = write_corpus(tmp_path, [4] * 12)
-    options = dict(batch_size=3, workers=0, shuffle_buffer=2, epoch_samples=400)
+    options = dict(batch_size=3, workers=0, shuffle_buffer=8, open_shards=4, epoch_samples=400)
     first = stream(corpus, **options)
     take_keys(first, 30)
     state = first.state_dict()
-    draw, offset, _ = state["positions"][0]
-    assert draw >= 20 and offset == 2               # 90 samples in: half way through the 23rd draw
+    position = state["positions"][0]
+    assert position["next_draw"] >= 20                   # 90 samples in: some 20 draws consumed
+    assert len(position["lanes"]) == 4 and any(offset > 0 for _, offset in position["lanes"])
     expected = take_keys(first, 1)
 
     decoded, opened = [], []
@@ -115,7 +117,25 @@ def test_resume_skips_without_decoding_or_opening(tmp_path, monkeypatch):
     resumed.load_state_dict(state)
     assert take_keys(resumed, 1) == expected
     assert len(decoded) == 3                        # only the samples handed out are decoded
-    assert len(opened) == 2                         # the current draw and the next, no earlier one
+    # the four open draws, and at most one new draw per sample taken; none of the consumed ones
+    assert 4 <= len(opened) <= 4 + 3
+
+
+def test_batches_mix_the_corpora_by_weight_and_span_many_shards(tmp_path):
+    """Two corpora weighted 3:1: each batch of 32 holds samples of both, 3:1 over 640 samples
+    (the binomial standard deviation of the share is 0.017; lanes make samples of one draw come
+    in runs, so the tolerance is 0.08), and spans many shards (the old stream: one)."""
+    a, _ = write_corpus(tmp_path, [10] * 20, prefix="a")
+    b, _ = write_corpus(tmp_path, [10] * 20, prefix="b")
+    corpora = [{**a, "name": "a", "weight": 3.0}, {**b, "name": "b", "weight": 1.0}]
+    cfg = DataConfig(corpora=corpora, augment=False, workers=2, epoch_samples=640)
+    batches = take_keys(caption_stream(cfg, 16, TOKENIZER, 32), 20)
+    share = sum(key.startswith("a/") for batch in batches for key in batch) / 640
+    assert abs(share - 0.75) < 0.08, share
+    assert sum(any(k.startswith("b/") for k in batch) for batch in batches) >= 18
+    shards_per_batch = [len({key.rsplit("/", 1)[0] for key in batch}) for batch in batches]
+    print(shards_per_batch)
+    assert sum(shards_per_batch) / len(shards_per_batch) >= 8 and min(shards_per_batch) >= 6, shards_per_batch
 
 
 def test_state_is_checked_on_load(tmp_path):

@@ -74,3 +74,21 @@ def test_rand_augment_draws_two_ops_each_applied_half_the_time(monkeypatch):
         transforms.rand_augment(noise_image(8, 8), rng)
     assert set(applied) == set(RAND_AUGMENT_OPS)
     assert 1800 < len(applied) < 2200             # 2 ops x 0.5 per image
+
+
+def test_the_crop_scale_is_the_recipes_per_task():
+    """Pretraining crops with area fractions in (0.2, 1), fine-tuning in (0.5, 1) as ALBEF does;
+    null resizes the whole image (nothing cut off: where a box is stays where it was)."""
+    from albef_ds.config import load_config
+
+    assert load_config("base").data.crop_scale == [0.2, 1.0]
+    assert load_config("retrieval_coco").data.crop_scale == [0.5, 1.0]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    fractions = [w * h / (640 * 480) for top, left, h, w in
+                 (random_resized_crop_box(random.Random(i), 640, 480, (0.5, 1.0)) for i in range(300))]
+    assert 0.49 <= min(fractions) < 0.6
+    whole = TrainTransform(32, crop_scale=None)
+    flipped_or_not = [whole(image, random.Random(i)) for i in range(2)]
+    assert all(t.shape == (3, 32, 32) for t in flipped_or_not)
+    with pytest.raises(Exception, match=r"data.crop_scale \[0.7, 0.3\] must be"):
+        load_config("tiny", ["data.crop_scale=[0.7, 0.3]"])

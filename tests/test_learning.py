@@ -50,3 +50,28 @@ def test_tiny_model_learns_from_scratch(tmp_path):
     colour_chance = out["mlm_colour_chance"]
     assert out["mlm_colour_acc"] >= 3 * colour_chance, out
     assert abs(out["mlm_colour_acc_shuffled"] - colour_chance) <= 10.0, out
+
+
+def test_the_shipped_pretrained_checkpoint_fits_the_tiny_model_and_has_learned(tiny_pretrained, tmp_path):
+    """tests/data/tiny_pretrained.safetensors (make tiny-pretrained) is the tiny architecture of
+    today's config, and it aligns held-out images with their captions far above chance."""
+    import dataclasses
+
+    from albef_ds import load_model
+    from albef_ds.checkpoint import read_checkpoint
+    from albef_ds.config import load_config
+    from albef_ds.data import write_synthetic_corpus
+    from albef_ds.eval.retrieval import evaluate_retrieval, read_shard_set
+    from albef_ds.tokenizer import build_tokenizer
+
+    tiny = load_config("tiny")
+    stored = read_checkpoint(tiny_pretrained).config.model
+    assert dataclasses.asdict(stored) == dataclasses.asdict(tiny.model.architecture_only())
+    heldout = write_synthetic_corpus(str(tmp_path), dataclasses.replace(
+        tiny.data.synthetic, train_samples=0, heldout_samples=64, seed=7))["heldout"]
+    data = read_shard_set(heldout)
+    model = load_model(tiny_pretrained)
+    out = evaluate_retrieval(model, data, build_tokenizer(tiny.model.text.tokenizer), tiny.model.vision.img_size,
+                             tiny.data.max_tokens, k_test=16, split_ranks=False)
+    print({k: round(out[k], 2) for k in ("img_r1", "txt_r1", "r_mean")})
+    assert out["img_r1"] >= 10 * 100 / 64, out

@@ -15,9 +15,9 @@ import argparse
 import os
 import sys
 
-from albef_ds.config import ConfigError, load_config
 from albef_ds.checkpoint.files import DTYPES, FORMAT, RELEASED, convert
-from albef_ds.io import ConversionError
+from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.config import ConfigError, load_config
 
 
 def parse_args(argv=None):
@@ -36,6 +36,9 @@ def parse_args(argv=None):
                    help="bf16 casts the online weights; momentum weights and queues stay fp32")
     p.add_argument("--config", help="model config (shipped name or yaml) instead of the stored one; "
                                     "released files without one default to 'base'")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="read an input that holds objects beyond tensors (unpickling them could run code): "
+                        "only files from a source you trust")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for --config, e.g. model.vision.img_size=384")
     return p.parse_args(argv)
@@ -50,10 +53,9 @@ def main(argv=None) -> int:
                 raise ConfigError("--set needs --config (the config it overrides)")
             config = load_config(args.config, args.set)
         ckpt = convert(args.input, args.output, to=args.to, tag=args.tag, momentum=not args.no_momentum,
-                       dtype=args.dtype, config=config)
-    except (ConversionError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+                       dtype=args.dtype, config=config, trusted=args.trust_checkpoint)
+    except INPUT_ERRORS as exc:
+        return report_input_error(exc)
     for line in ckpt.report.lines():
         print(f"note: {line}", file=sys.stderr)
     size = os.path.getsize(args.output) / 2**20

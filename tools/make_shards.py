@@ -13,11 +13,32 @@ data.corpora[].shards; sample counts go to sizes.json next to the shards.
 import argparse
 import json
 import os
+import sys
 
+from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.config import ConfigError
 from albef_ds.data.shards import make_shards
 
 
-def main() -> None:
+def read_annotations(paths: list[str], image_root: str) -> list:
+    """The entries of every annotation file; a file that cannot be read, or an image root that is
+    not a folder, is a ConfigError naming it."""
+    if not os.path.isdir(image_root):
+        raise ConfigError(f"--image-root {image_root} is not a folder")
+    annotations = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read annotation file {path}: {exc}") from None
+        if not isinstance(entries, list):
+            raise ConfigError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
+        annotations += entries
+    return annotations
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", nargs="+", required=True, help="ALBEF annotation JSON file(s)")
     parser.add_argument("--image-root", required=True, help="folder the annotation image paths start from")
@@ -25,14 +46,15 @@ def main() -> None:
     parser.add_argument("--prefix", required=True, help="shard name prefix: <prefix>-00000.tar, ...")
     parser.add_argument("--max-samples", type=int, default=10000, help="images per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="shards written in parallel")
-    args = parser.parse_args()
-    annotations = []
-    for path in args.ann:
-        with open(path) as f:
-            annotations += json.load(f)
-    summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples, args.workers)
+    args = parser.parse_args(argv)
+    try:
+        annotations = read_annotations(args.ann, args.image_root)
+        summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples, args.workers)
+    except INPUT_ERRORS as exc:
+        return report_input_error(exc)
     print(json.dumps(summary, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

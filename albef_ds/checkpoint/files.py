@@ -72,22 +72,23 @@ def _target_config(config, stored: Config) -> Config:
 
 # ---- reading ----------------------------------------------------------------------------------
 
-def read_checkpoint(path: str, tag: Optional[str] = None, config=None) -> Checkpoint:
+def read_checkpoint(path: str, tag: Optional[str] = None, config=None, trusted: bool = False) -> Checkpoint:
     """Any source (training folder, our file, released file) as a Checkpoint conformed to
     `config` (see _target_config); by default the config stored with the checkpoint, or the base
-    config of the recognised task for released files that carry none."""
+    config of the recognised task for released files that carry none. Files are unpickled
+    weights-only: one that holds other objects is refused unless `trusted` (io.torch_load)."""
     from ..tasks import get_task
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConversionError(f"'{path}': no such file or folder")
     if os.path.isdir(path):
-        state, stored, source = read_training(path, tag)
+        state, stored, source = read_training(path, tag, trusted)
         kind = "training"
     else:
         if tag is not None:
             raise ConversionError(f"--tag names a checkpoint of a training folder; '{path}' is a file")
-        state, stored, kind, source = _read_file(path)
+        state, stored, kind, source = _read_file(path, trusted)
     cfg = _target_config(config, stored)
     fresh: tuple = ()
     if cfg.task != stored.task:
@@ -98,7 +99,7 @@ def read_checkpoint(path: str, tag: Optional[str] = None, config=None) -> Checkp
                       fresh=fresh)
 
 
-def _read_file(path: str):
+def _read_file(path: str, trusted: bool):
     check_readable(path)
     if is_safetensors(path):
         from safetensors import safe_open
@@ -116,7 +117,7 @@ def _read_file(path: str):
                     tensors[alias] = tensors[target]
             return tensors, cfg, FORMAT, path
         return _released(tensors, None, path)
-    obj = torch_load(path)
+    obj = torch_load(path, trusted)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if not isinstance(obj.get("state_dict"), dict):
             raise ConversionError(f"{path}: an {FORMAT} file without its state_dict")
@@ -199,7 +200,7 @@ def save_released(path: str, state: dict, config: Config, layout: Layout) -> Non
 
 
 def convert(input: str, output: str, to: str = FORMAT, tag: Optional[str] = None, momentum: bool = True,
-            dtype: str = "fp32", config=None) -> Checkpoint:
+            dtype: str = "fp32", config=None, trusted: bool = False) -> Checkpoint:
     """Reads any source and writes `output` in our format (to="albef_ds") or the released layout
     (to="albef"). Every check runs before anything is written; the output appears whole or not at
     all. Returns the Checkpoint that was written (its state dict before dropping and casting)."""
@@ -208,7 +209,7 @@ def convert(input: str, output: str, to: str = FORMAT, tag: Optional[str] = None
     _check_dtype(dtype)             # the output's checks first: reading a checkpoint takes long
     if to == RELEASED:
         _check_released_name(output)
-    ckpt = read_checkpoint(input, tag=tag, config=config)
+    ckpt = read_checkpoint(input, tag=tag, config=config, trusted=trusted)
     layout = model_layout(ckpt.config)
     state = prepare(ckpt.state_dict, layout, momentum=momentum, dtype=dtype)
     (save_released if to == RELEASED else save_albef_ds)(os.fspath(output), state, ckpt.config, layout)

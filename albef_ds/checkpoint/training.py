@@ -52,8 +52,28 @@ def rank_file(folder: str, rank: int) -> str:
 RANK_FILE = re.compile(r"albef_rank\d+\.pt")      # every name rank_file() gives
 
 
+# What DeepSpeed's own checkpoint files hold beyond tensors and plain containers: its loss scaler,
+# the ZeRO stage (an enum) and partition addresses (numbers), no code. Reading a training folder
+# allows these and nothing else.
+DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                           "deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def deepspeed_state_classes() -> tuple:
+    import importlib
+
+    return tuple(getattr(importlib.import_module(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
+                 for name in DEEPSPEED_STATE_CLASSES)
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in tensors and plain containers (a rank file loads weights-only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                          has_gauss, gauss),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -61,7 +81,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -145,10 +166,9 @@ def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint '{tag}' from {ckpt_dir}")
-    rank_state = torch.load(own_file, weights_only=False)
+    rank_state = torch_load(own_file)
     momentum_file = own_file if momentum.partitioned() else rank_file(folder, 0)
-    values = rank_state["momentum"] if "momentum" in rank_state else torch.load(
-        momentum_file, weights_only=False)["momentum"]
+    values = rank_state["momentum"] if "momentum" in rank_state else torch_load(momentum_file)["momentum"]
     momentum.load_local_state(values)
     return client_state, rank_state
 
@@ -192,9 +212,11 @@ def _tags(ckpt_dir: str) -> list:
                   and any(f.endswith("_model_states.pt") for f in os.listdir(os.path.join(ckpt_dir, n))))
 
 
-def read_training(path: str, tag: Optional[str] = None) -> tuple[dict, Config, str]:
+def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -> tuple[dict, Config, str]:
     """(state dict in our layout, the run's config, a description of the source) of a training
-    checkpoint: DIR, DIR/checkpoints or DIR/checkpoints/<tag>; the tag `latest` names by default."""
+    checkpoint: DIR, DIR/checkpoints or DIR/checkpoints/<tag>; the tag `latest` names by default.
+    Every file is unpickled weights-only first (DEEPSPEED_STATE_CLASSES allowed), unless `trusted`:
+    DeepSpeed's consolidation, which reads them again without that check, then meets no surprise."""
     ckpt_dir, tag = locate_training_checkpoint(path, tag)
     folder = os.path.join(ckpt_dir, tag)
     source = f"checkpoint '{tag}' in {ckpt_dir}"
@@ -204,7 +226,8 @@ def read_training(path: str, tag: Optional[str] = None) -> tuple[dict, Config, s
     if states_file is None:
         raise ConversionError(f"{source}: missing file: no DeepSpeed model states "
                               f"({' or '.join(candidates)})")
-    states = torch_load(states_file, trusted=True)
+    allowed = deepspeed_state_classes()
+    states = torch_load(states_file, trusted, allowed)
     if not isinstance(states, dict) or "config" not in states:
         raise ConversionError(f"{states_file} holds no 'config' in its client state: not written by the "
                               "ALBEF-DS trainer")
@@ -228,6 +251,9 @@ def read_training(path: str, tag: Optional[str] = None) -> tuple[dict, Config, s
                               f"missing file{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     for p in needed:
         check_readable(p)
+    if not trusted:
+        for p in needed:
+            torch_load(p, allowed=allowed)
 
     buffers = states.get("buffers") or {}
     if stage == 0:
@@ -235,7 +261,7 @@ def read_training(path: str, tag: Optional[str] = None) -> tuple[dict, Config, s
     else:
         online = _deepspeed_fp32_weights(ckpt_dir, tag, source)
     del states
-    momentum = _merge_momentum(folder, world, stage == 3, layout)
+    momentum = _merge_momentum(folder, world, stage == 3, layout, trusted)
 
     state = {}
     for key in layout.keys:
@@ -267,7 +293,7 @@ def _deepspeed_fp32_weights(ckpt_dir: str, tag: str, source: str) -> dict:
                               f"{type(exc).__name__}: {exc}") from None
 
 
-def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) -> dict:
+def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout, trusted: bool) -> dict:
     """The fp32 momentum weights by name. Whole tensors from rank 0's file, or (ZeRO-3) every
     rank's flat partition of each parameter, ceil(numel / world) elements padded at the end."""
     names = layout.momentum_names
@@ -275,7 +301,7 @@ def _merge_momentum(folder: str, world: int, partitioned: bool, layout: Layout) 
     values = []
     for r in ranks:
         path = rank_file(folder, r)
-        rank_state = torch_load(path, trusted=True)
+        rank_state = torch_load(path, trusted)
         tensors = rank_state.get("momentum") if isinstance(rank_state, dict) else None
         if tensors is None:
             raise ConversionError(f"{path} holds no momentum weights")

@@ -148,6 +148,9 @@ def resolve_corpora(corpora: list) -> tuple[list[Shard], int]:
 
 def _annotation_shards(corpus: CorpusConfig, name: str) -> tuple[list[Shard], int]:
     """Runs of ANNOTATION_SHARD entries of each annotation file, and the number of entries."""
+    image_root = os.path.expandvars(corpus.image_root)
+    if image_root and not os.path.isdir(image_root):
+        raise ValueError(f"corpus '{name}': image_root {image_root} is not a folder")
     shards, samples = [], 0
     for path in corpus.annotations:
         path = os.path.expandvars(path)
@@ -157,7 +160,7 @@ def _annotation_shards(corpus: CorpusConfig, name: str) -> tuple[list[Shard], in
             raise ValueError(f"corpus '{name}': cannot read annotation file {path}: {exc}") from None
         stem = Path(path).stem
         shards += [Shard(path, f"{name}/{stem}-{i // ANNOTATION_SHARD:05d}", 1.0, (i, i + ANNOTATION_SHARD),
-                         os.path.expandvars(corpus.image_root) or None)
+                         image_root or None)
                    for i in range(0, len(entries), ANNOTATION_SHARD)]
         samples += len(entries)
     if samples == 0:

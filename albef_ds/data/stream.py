@@ -10,14 +10,21 @@ the sequence is a pure function of (seed, epoch, rank, worker) and the shard lis
   epoch's `steps_per_epoch` batches (DataLoader hands batch n to worker n % workers);
 - not resampled: the shards shuffled once per epoch and dealt out over all ranks x workers, each
   shard read once, every worker to its end (ranks may then make different numbers of batches).
-A draw's samples are shuffled with a buffer that lives inside the draw, seeded by the draw seed,
-and each sample's decoding (caption choice, augmentation) uses an RNG seeded by (draw seed, position).
+A worker keeps `data.open_shards` draws open at once (its lanes) and takes each sample from a lane
+chosen uniformly at random, a draw replacing its lane's exhausted one: a batch mixes the corpora in
+proportion to their weights (a lane is held for as long as its draw lasts, so the lanes' share of
+a corpus is its share of samples) and spans many shards. Within a draw, samples are shuffled with a
+buffer of shuffle_buffer // open_shards (the open draws share the memory), seeded by the draw seed;
+the lane of the t-th sample comes from an RNG seeded by (seed, epoch, rank, worker, t); each
+sample's decoding (caption choice, augmentation) uses an RNG seeded by (draw seed, position).
 
-Resume. A worker's position is (draw index, samples of that draw passed, batches made). Every batch
-carries its worker's position after it; the main process keeps, per worker, the position of the
-last batch handed to the caller. Resuming, a worker skips earlier draws without opening them and
-the passed samples of its current draw without decoding them; the new DataLoader's worker i plays
-worker (i + next_worker) % workers so batches come in the order an uninterrupted run gives.
+Resume. A worker's position is its open draws (draw index, samples of it passed), the next draw to
+open, the samples taken and the batches made. Every batch carries its worker's position after it;
+the main process keeps, per worker, the position of the last batch handed to the caller.
+Resuming, a worker reopens only its open draws and skips their passed samples without decoding
+them (earlier draws are not opened: the cost is bounded by the open draws); the new DataLoader's
+worker i plays worker (i + next_worker) % workers so batches come in the order an uninterrupted
+run gives.
 
 Bad input (undecodable image, missing or empty caption, non UTF-8 text, truncated or unreadable
 tar) is skipped; the counts travel with the batches, so stats() covers what was consumed.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import random
 from collections import Counter
@@ -62,6 +70,36 @@ def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:
     yield from buffer
 
 
+class _Lane:
+    """An open draw: its index in the worker's draw sequence, its shard, its samples (shuffled,
+    positioned after `offset` of them) and whether it has given a usable sample."""
+
+    def __init__(self, draw: int, shard, seed: int, items: Iterator, offset: int):
+        self.draw, self.shard, self.seed, self.items, self.offset = draw, shard, seed, items, offset
+        self.used = False
+
+
+class _DrawSequence:
+    """A worker's draws by index, generated as far as asked (the sequence is a pure function of
+    the config, so draw i is the same whenever it is asked for)."""
+
+    def __init__(self, draws: Iterator):
+        self._draws, self._seen = draws, []
+
+    def has(self, index: int) -> bool:
+        while len(self._seen) <= index:
+            draw = next(self._draws, None)
+            if draw is None:
+                return False
+            self._seen.append(draw)
+        return True
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not self.has(index):
+            raise IndexError(index)
+        return self._seen[index]
+
+
 class _EpochReader(IterableDataset):
     """What one DataLoader runs: every worker resumes its own position in one epoch."""
 
@@ -72,8 +110,7 @@ class _EpochReader(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.state["next_worker"]) % self.stream.num_workers
-        draw, offset, batches = self.state["positions"][worker]
-        return self.stream._worker_batches(self.state["epoch"], worker, draw, offset, batches)
+        return self.stream._worker_batches(self.state["epoch"], worker, self.state["positions"][worker])
 
 
 class ShardStream:
@@ -105,13 +142,13 @@ class ShardStream:
     # ---- position ------------------------------------------------------------------------
 
     def _epoch_start(self, epoch: int, stats: dict) -> dict:
-        positions = [[0, 0, 0] for _ in range(self.num_workers)]     # [draw, offset, batches]
+        positions = [{"lanes": [], "next_draw": 0, "taken": 0, "batches": 0} for _ in range(self.num_workers)]
         return {"epoch": epoch, "next_worker": 0, "positions": positions, "stats": stats}
 
     def _identity(self) -> dict:
         """What a saved position is only valid for."""
         data = json.dumps([[s.name, s.weight] for s in self.shards]
-                          + [self.cfg.resampled, self.cfg.shuffle_buffer, self.steps_per_epoch])
+                          + [self.cfg.resampled, self.cfg.shuffle_buffer, self.cfg.open_shards, self.steps_per_epoch])
         return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
                 "batch_size": self.batch_size, "seed": self.seed,
                 "data": hashlib.sha1(data.encode()).hexdigest()[:16]}
@@ -151,12 +188,12 @@ class ShardStream:
         """Moves the position past `batch`; False for a batch that only carries skip counts."""
         state = self._state
         worker = batch.pop("_worker")
-        draw, offset = batch.pop("_position")
+        position = batch.pop("_position")
         for name, count in batch.pop("_skipped").items():
             state["stats"][name] += count
-        state["positions"][worker] = [draw, offset, state["positions"][worker][2] + 1]
+        state["positions"][worker] = {**position, "batches": state["positions"][worker]["batches"] + 1}
         state["next_worker"] = (worker + 1) % self.num_workers
-        if self.cfg.resampled and sum(p[2] for p in state["positions"]) == self.steps_per_epoch:
+        if self.cfg.resampled and sum(p["batches"] for p in state["positions"]) == self.steps_per_epoch:
             self._state = self._epoch_start(state["epoch"] + 1, state["stats"])
         return bool(batch["keys"])
 
@@ -172,46 +209,69 @@ class ShardStream:
         for index in order[self.rank * self.num_workers + worker::self.world_size * self.num_workers]:
             yield int(index), int(rng.integers(2**63))
 
-    def _worker_batches(self, epoch: int, worker: int, start_draw: int, start_offset: int,
-                        done: int) -> Iterator[dict]:
+    def _open(self, draws: list, index: int, offset: int) -> "_Lane":
+        """Draw `index` as a lane, its first `offset` samples passed without decoding."""
+        shard_index, draw_seed = draws[index]
+        shard = self.shards[shard_index]
+        buffer = max(1, self.cfg.shuffle_buffer // self.cfg.open_shards)
+        items = shuffled(open_shard(shard), random.Random(draw_seed), buffer)
+        for _ in itertools.islice(items, offset):
+            pass
+        return _Lane(index, shard, draw_seed, items, offset)
+
+    def _worker_batches(self, epoch: int, worker: int, position: dict) -> Iterator[dict]:
         # Resampled: this worker's share of the epoch's batches, less those already consumed.
         quota = None
         if self.cfg.resampled:
-            quota = len(range(worker, self.steps_per_epoch, self.num_workers)) - done
+            quota = len(range(worker, self.steps_per_epoch, self.num_workers)) - position["batches"]
         if quota is not None and quota <= 0:
             return
-        samples, skipped, position, empty_draws = [], Counter(), [start_draw, start_offset], 0
-        for draw, (shard_index, draw_seed) in enumerate(self._draws(epoch, worker)):
-            if draw < start_draw:
-                continue                        # consumed draws are not even opened
-            shard = self.shards[shard_index]
-            first = start_offset if draw == start_draw else 0
-            used = False
-            items = shuffled(open_shard(shard), random.Random(draw_seed), self.cfg.shuffle_buffer)
-            for offset, raw in enumerate(items):
-                if offset < first:
-                    continue                    # consumed samples are not decoded
-                position = [draw, offset + 1]
-                sample = self._prepare(raw, shard, random.Random(f"{draw_seed}:{offset}"))
-                if isinstance(sample, str):
-                    skipped[sample] += 1
-                    continue
-                used = True
-                samples.append(sample)
-                if len(samples) == self.batch_size:
-                    yield self._collate(samples, worker, position, skipped)
-                    samples, skipped = [], Counter()
-                    if quota is not None:
-                        quota -= 1
-                        if quota == 0:
-                            return
-            empty_draws = 0 if used else empty_draws + 1
-            if quota is not None and empty_draws == MAX_EMPTY_DRAWS:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: {MAX_EMPTY_DRAWS} shard draws "
-                                   f"in a row gave no usable sample (last: {shard.url}; skipped since "
-                                   f"the last batch: {dict(skipped)})")
+        draws = _DrawSequence(self._draws(epoch, worker))
+        lanes = [self._open(draws, index, offset) for index, offset in position["lanes"]]
+        next_draw, taken = position["next_draw"], position["taken"]
+        while len(lanes) < self.cfg.open_shards and draws.has(next_draw):     # a fresh start
+            lanes.append(self._open(draws, next_draw, 0))
+            next_draw += 1
+        samples, skipped, empty_draws, last_url = [], Counter(), 0, None
+
+        def where() -> dict:
+            return {"lanes": [[lane.draw, lane.offset] for lane in lanes], "next_draw": next_draw, "taken": taken}
+
+        while lanes:
+            slot = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}:{taken}").randrange(len(lanes))
+            taken += 1
+            lane = lanes[slot]
+            raw = next(lane.items, None)
+            if raw is None:                     # this draw is done: the next one takes its lane
+                empty_draws = 0 if lane.used else empty_draws + 1
+                last_url = lane.shard.url
+                if quota is not None and empty_draws == MAX_EMPTY_DRAWS:
+                    raise RuntimeError(f"rank {self.rank} worker {worker}: {MAX_EMPTY_DRAWS} shard draws "
+                                       f"in a row gave no usable sample (last: {last_url}; skipped since "
+                                       f"the last batch: {dict(skipped)})")
+                if draws.has(next_draw):
+                    lanes[slot] = self._open(draws, next_draw, 0)
+                    next_draw += 1
+                else:
+                    del lanes[slot]
+                continue
+            sample = self._prepare(raw, lane.shard, random.Random(f"{lane.seed}:{lane.offset}"))
+            lane.offset += 1
+            if isinstance(sample, str):
+                skipped[sample] += 1
+                continue
+            lane.used = True
+            empty_draws = 0
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield self._collate(samples, worker, where(), skipped)
+                samples, skipped = [], Counter()
+                if quota is not None:
+                    quota -= 1
+                    if quota == 0:
+                        return
         if samples or skipped:                  # end of a non-resampled pass
-            yield self._collate(samples, worker, position, skipped)
+            yield self._collate(samples, worker, where(), skipped)
 
     def _prepare(self, raw: dict, shard, rng: random.Random):
         """(key, decoded sample), or the name of the counter the sample is skipped under."""

@@ -97,15 +97,20 @@ def rand_augment(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 class TrainTransform:
-    """RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, RandAugment(2, 7), CLIP norm."""
+    """RandomResizedCrop(`crop_scale`, bicubic; None: the whole image resized), horizontal flip,
+    RandAugment(2, 7), CLIP norm."""
 
-    def __init__(self, img_size: int):
+    def __init__(self, img_size: int, crop_scale=(0.2, 1.0)):
         self.img_size = img_size
+        self.crop_scale = tuple(crop_scale) if crop_scale is not None else None
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        top, left, h, w = random_resized_crop_box(rng, image.width, image.height)
-        image = F.resized_crop(image, top, left, h, w, [self.img_size, self.img_size],
-                               interpolation=InterpolationMode.BICUBIC)
+        if self.crop_scale is None:
+            image = F.resize(image, [self.img_size, self.img_size], interpolation=InterpolationMode.BICUBIC)
+        else:
+            top, left, h, w = random_resized_crop_box(rng, image.width, image.height, self.crop_scale)
+            image = F.resized_crop(image, top, left, h, w, [self.img_size, self.img_size],
+                                   interpolation=InterpolationMode.BICUBIC)
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
         return to_normalized_tensor(rand_augment(image, rng))
@@ -122,5 +127,5 @@ class EvalTransform:
         return to_normalized_tensor(image)
 
 
-def build_transform(img_size: int, augment: bool):
-    return TrainTransform(img_size) if augment else EvalTransform(img_size)
+def build_transform(img_size: int, augment: bool, crop_scale=(0.2, 1.0)):
+    return TrainTransform(img_size, crop_scale) if augment else EvalTransform(img_size)

@@ -43,7 +43,7 @@ def caption_codec(cfg, tokenizer, train: bool, image_ids: bool):
     from ..data.codec import CaptionCodec
     from ..data.transforms import build_transform
 
-    transform = build_transform(cfg.model.vision.img_size, cfg.data.augment and train)
+    transform = build_transform(cfg.model.vision.img_size, cfg.data.augment and train, cfg.data.crop_scale)
     return CaptionCodec(tokenizer, transform, cfg.data.max_words, cfg.data.max_tokens, image_ids=image_ids)
 
 

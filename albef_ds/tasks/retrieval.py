@@ -37,7 +37,7 @@ class RetrievalTask(PretrainTask):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..config import load_config
+        from ..config import ConfigError, load_config
         from ..eval.retrieval import evaluate_retrieval, images_of_this_rank, read_retrieval_set
         from ..tokenizer import build_tokenizer
 
@@ -46,7 +46,10 @@ class RetrievalTask(PretrainTask):
             cfg = load_config(args.config)
             max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
         max_tokens = min(max_tokens, model.cfg.text.max_position)
-        data = read_retrieval_set(args.data, args.image_root, max_words, images_of_this_rank(args.batch_size))
+        try:
+            data = read_retrieval_set(args.data, args.image_root, max_words, images_of_this_rank(args.batch_size))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--data {args.data}: {exc}") from None
         out = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
                                  max_tokens, args.k_test, args.batch_size, args.add_sim)
         out.update(add_sim=args.add_sim)

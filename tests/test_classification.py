@@ -327,6 +327,15 @@ def test_codec_reads_both_images_and_skips_a_sample_missing_or_corrupt_one(tmp_p
         codec.decode(annotation_sample("k", entry, str(tmp_path)), "corpus/x-00000/000000007", rng)
 
 
+@pytest.mark.parametrize("task", ["nlvr2", "snli_ve"])
+def test_training_codec_crops_as_albefs_fine_tuning_and_as_data_crop_scale_says(task):
+    tokenizer = build_tokenizer("tiny_vocab.txt")
+    assert get_task(load_config(task)).codec(tokenizer, train=True).transform.crop_scale == (0.5, 1.0)
+    cfg = load_config(f"tiny_{task}", ["data.augment=true", "data.crop_scale=[0.3, 0.9]"])   # tiny: no augmentation
+    assert get_task(cfg).codec(tokenizer, train=True).transform.crop_scale == (0.3, 0.9)
+    assert isinstance(get_task(cfg).codec(tokenizer, train=False).transform, EvalTransform)
+
+
 def test_ve_labels_are_albefs_ids():
     assert VE_LABELS == {"contradiction": 0, "neutral": 1, "entailment": 2}
 

@@ -132,7 +132,8 @@ class SNLIVETask(Task):
         from ..data.labelled import LabelledCodec
         from ..data.transforms import build_transform
 
-        transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train)
+        transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train,
+                                    self.cfg.data.crop_scale)
         return LabelledCodec(tokenizer, transform, self.cfg.data.max_words, self.cfg.data.max_tokens,
                              self.inference_class.images_per_text, self.labels)
 

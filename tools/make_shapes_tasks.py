@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from albef_ds.cli import report_input_error
+from albef_ds.config import ConfigError
 from albef_ds.data.synthetic_labelled import write_shuffled_images
 from albef_ds.data.synthetic_nlvr import write_nlvr_shapes
 from albef_ds.data.synthetic_ve import write_ve_shapes
@@ -36,7 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=int, default=400, help="dev and test samples per corpus")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    print(json.dumps(write_shapes_tasks(args.out, args.train, args.heldout, args.seed), indent=1))
+    try:
+        corpora = write_shapes_tasks(args.out, args.train, args.heldout, args.seed)
+    except OSError as exc:
+        return report_input_error(ConfigError(f"cannot write the corpora into --out {args.out}: {exc.strerror or exc}"))
+    print(json.dumps(corpora, indent=1))
     return 0
 
 

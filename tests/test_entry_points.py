@@ -83,3 +83,6 @@ def test_evaluate_and_the_data_tools(tmp_path):
     line = run([sys.executable, "tools/make_synthetic_shards.py", "--out", str(tmp_path / "taken"),
                 "--train-samples", "8", "--heldout-samples", "4"], tmp_path)
     assert str(tmp_path / "taken") in line
+    line = run([sys.executable, "tools/make_shapes_tasks.py", "--out", str(tmp_path / "taken"), "--train", "4",
+                "--heldout", "2"], tmp_path)
+    assert str(tmp_path / "taken") in line

@@ -1,7 +1,10 @@
 """BERT text encoder and fusion encoder for ALBEF, in plain PyTorch.
 
 One stack of BERT layers: layers [0, fusion_start) encode text alone; layers [fusion_start, layers)
-add cross-attention from the text states (queries) to the image tokens (keys/values). Module names
+add cross-attention from the text states (queries) to the image tokens (keys/values). For a text
+about two images (NLVR2) the fusion layers are doubled, as in ALBEF's NLVR model: each pretrained
+fusion layer becomes a pair, the first attending image 0 and the second image 1, the pair's
+cross-attention keys and values shared (`images_per_text=2`, double_fusion_layers). Module names
 follow transformers' BertForMaskedLM (`bert.embeddings...`, `bert.encoder.layer.N.attention.self.query`,
 `crossattention`, `cls.predictions...`), so pretrained BERT weights and released ALBEF checkpoints
 load by name. Attention runs through `F.scaled_dot_product_attention`, which picks the fused flash /
@@ -9,6 +12,7 @@ memory-efficient kernels on GPU.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -162,17 +166,30 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: TextConfig, image_width: int):
+    def __init__(self, cfg: TextConfig, image_width: int, images_per_text: int = 1):
         super().__init__()
+        layers = stack_depth(cfg, images_per_text)
         self.layer = nn.ModuleList(
-            BertLayer(cfg, image_width if i >= cfg.fusion_start else None) for i in range(cfg.layers))
+            BertLayer(cfg, image_width if i >= cfg.fusion_start else None) for i in range(layers))
+        # A pair of layers attending two images shares the cross-attention key and value
+        # projections (ALBEF's share_cross_attention: the first layer takes the second's), so the
+        # images are projected alike and the pair adds only its queries, outputs and FFN.
+        for first in range(cfg.fusion_start, layers, images_per_text):
+            for other in range(first + 1, first + images_per_text):
+                shared, attention = self.layer[other].crossattention.self, self.layer[first].crossattention.self
+                attention.key, attention.value = shared.key, shared.value
+
+
+def stack_depth(cfg: TextConfig, images_per_text: int = 1) -> int:
+    """Layers of the stack: the text layers, then each of the config's fusion layers once per image."""
+    return cfg.fusion_start + images_per_text * (cfg.layers - cfg.fusion_start)
 
 
 class Bert(nn.Module):
-    def __init__(self, cfg: TextConfig, image_width: int):
+    def __init__(self, cfg: TextConfig, image_width: int, images_per_text: int = 1):
         super().__init__()
         self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg, image_width)
+        self.encoder = Encoder(cfg, image_width, images_per_text)
 
 
 class MLMTransform(nn.Module):
@@ -208,13 +225,15 @@ class MLMHead(nn.Module):
 
 class BertTextFusion(nn.Module):
     """The text encoder (layers below fusion_start), the fusion encoder (the rest) and the MLM head.
+    `images_per_text=2`: every fusion layer doubled, fusing a text with two images (see fuse).
     Built with fusion_start 0 (every layer cross-attends), it is a decoder: `decode`, and the
     head as its LM head (transformers' BertLMHeadModel)."""
 
-    def __init__(self, cfg: TextConfig, image_width: int, mlm_head: bool = True):
+    def __init__(self, cfg: TextConfig, image_width: int, images_per_text: int = 1, mlm_head: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.bert = Bert(cfg, image_width)
+        self.images_per_text = images_per_text
+        self.bert = Bert(cfg, image_width, images_per_text)
         if mlm_head:        # without: an encoder whose MLM head a task never uses (VQA's questions)
             self.cls = MLMHead(cfg, self.bert.embeddings.word_embeddings)
         self.grad_checkpointing = cfg.grad_checkpointing
@@ -250,11 +269,21 @@ class BertTextFusion(nn.Module):
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
              images: Sequence[torch.Tensor], segments: Optional[Sequence[tuple[int, int]]] = None) -> torch.Tensor:
-        """Multimodal states [N, L, H] from the fusion layers (see Attention.cross for `segments`)."""
-        if segments is None:
-            segments = [(text_states.shape[0], 0)]
-        return self._run(self.bert.encoder.layer[self.cfg.fusion_start:], text_states,
-                         self.key_mask(attention_mask), list(images), list(segments))
+        """Multimodal states [N, L, H] from the fusion layers (see Attention.cross for `segments`).
+        With images_per_text=2, `images` is [image 0 tokens, image 1 tokens] of every text (N rows
+        each) and fusion layer j attends images[j % 2]."""
+        layers = self.bert.encoder.layer[self.cfg.fusion_start:]
+        if self.images_per_text == 1:
+            if segments is None:
+                segments = [(text_states.shape[0], 0)]
+            return self._run(layers, text_states, self.key_mask(attention_mask), list(images), list(segments))
+        if segments is not None or len(images) != self.images_per_text:
+            raise ValueError(f"a text fused with {self.images_per_text} images takes one tensor of image "
+                             f"tokens per image ({len(images)} given) and no segments")
+        x, mask, rows = text_states, self.key_mask(attention_mask), [(text_states.shape[0], 0)]
+        for j, layer in enumerate(layers):
+            x = self._run([layer], x, mask, [images[j % self.images_per_text]], rows)
+        return x
 
     def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.cls(states)
@@ -271,9 +300,35 @@ class BertTextFusion(nn.Module):
         return self._run(self.bert.encoder.layer, x, mask, None, None, (states, states_mask, rows))
 
 
+_LAYER_KEY = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..*)$")
+
+
+def double_fusion_layers(state: dict, cfg: TextConfig, images_per_text: int = 2) -> dict:
+    """A state dict of single-image text encoders (any prefix: `text_encoder.bert.encoder.layer.N.`,
+    `text_encoder_m...`) for encoders whose fusion layers are repeated per image: fusion layer n
+    initialises layers fs + k(n - fs) ... fs + k(n - fs) + k - 1 (k images), all its weights
+    copied (ALBEF's Pretrain_nlvr.py: 6 -> 6, 7; 7 -> 8, 9; ...); text layers and every other key
+    unchanged. A state that already holds the repeated layers passes unchanged."""
+    indices = [int(m.group(2)) for m in map(_LAYER_KEY.match, state) if m]
+    if any(i >= cfg.layers for i in indices):
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        match = _LAYER_KEY.match(key)
+        n = int(match.group(2)) if match else -1
+        if n < cfg.fusion_start:
+            out[key] = value
+            continue
+        first = cfg.fusion_start + images_per_text * (n - cfg.fusion_start)
+        for layer in range(first, first + images_per_text):
+            out[f"{match.group(1)}{layer}{match.group(3)}"] = value
+    return out
+
+
 def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
-    """Loads transformers' BERT weights (hub name or local folder) by name; returns the keys that
-    the checkpoint did not provide (the cross-attention layers, which ALBEF initialises afresh)."""
+    """Loads transformers' BERT weights (hub name or local folder) by name (a stack with doubled
+    fusion layers: each BERT layer from fusion_start on into its pair); returns the keys that the
+    checkpoint did not provide (the cross-attention layers, which ALBEF initialises afresh)."""
     from transformers import BertConfig, BertForMaskedLM
 
     hf_cfg = BertConfig.from_pretrained(name_or_path)
@@ -287,6 +342,8 @@ def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
     state = BertForMaskedLM.from_pretrained(name_or_path).state_dict()
     state = {k: v for k, v in state.items()
              if not k.startswith("bert.pooler") and (hasattr(module, "cls") or not k.startswith("cls."))}
+    if module.images_per_text > 1:
+        state = double_fusion_layers(state, cfg, module.images_per_text)
     result = module.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"BERT weights at '{name_or_path}' have keys this model lacks: {result.unexpected_keys[:5]}")

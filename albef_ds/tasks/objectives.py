@@ -167,3 +167,43 @@ def vqa_loss(per_answer: torch.Tensor, weights: torch.Tensor, num_questions: int
     """ALBEF's VQA loss: each answer's loss weighted (the share of the annotators who gave it; 0.5
     for a Visual Genome answer), summed and divided by the number of questions."""
     return (weights.to(per_answer.dtype) * per_answer).sum() / num_questions
+
+
+def classification(logits: torch.Tensor, labels: torch.Tensor, logits_m: Optional[torch.Tensor] = None,
+                   alpha: float = 0.0):
+    """Cross-entropy with momentum distillation (ALBEF's NLVR2 and SNLI-VE heads):
+    (1 - alpha) * CE(logits, labels) + alpha * soft-CE(logits, softmax(logits_m)), means over
+    rows (the soft targets are the momentum model's plain softmax, no temperature). Returns
+    (loss, accuracy)."""
+    loss = F.cross_entropy(logits.float(), labels)
+    if logits_m is not None and alpha > 0:
+        loss = (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(logits_m.float(), -1))
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc
+
+
+# Text assignment's classes: the caption belongs to the image in slot 0, in slot 1, or to neither.
+SLOT0, SLOT1, NEITHER = 0, 1, 2
+
+
+def assign_text(sim: torch.Tensor, own: torch.Tensor, uniforms: torch.Tensor):
+    """The image pairs of NLVR2's text-assignment pre-step, for rows of the global batch.
+
+    sim: [b, N] similarities of each row's image to the N images of the global batch; own: [b] the
+    column of each row's own image; uniforms: [4, b] numbers in [0, 1) per row. As ALBEF draws
+    them: with probability 2/3 (uniforms[0] >= 1/3) the row's own image goes to slot 0 or slot 1
+    (uniforms[1]: >= 0.5 slot 0), the other slot holding another image drawn by similarity
+    (softmax over the others); else both slots hold two distinct other images so drawn, and the
+    caption belongs to neither. Draws invert each row's CDF (sample_negatives), so a batch split
+    over ranks draws what one process draws. Needs N >= 3. Returns (slot0, slot1, labels), [b] each
+    (slots as global columns)."""
+    columns = torch.arange(sim.shape[1], device=sim.device)
+    mine = columns[None, :] == own[:, None]
+    weights, _ = negative_weights(sim, mine)
+    first = sample_negatives(weights, uniforms[2])
+    second = sample_negatives(weights.masked_fill(columns[None, :] == first[:, None], 0.0), uniforms[3])
+    matched, own_first = uniforms[0] >= 1 / 3, uniforms[1] >= 0.5
+    slot0 = torch.where(matched & own_first, own, first)
+    slot1 = torch.where(matched, torch.where(own_first, first, own), second)
+    labels = torch.where(matched, torch.where(own_first, SLOT0, SLOT1), NEITHER)
+    return slot0, slot1, labels

@@ -47,7 +47,8 @@ def check_resumable(ckpt_dir: str, tag: str, cfg: Config, world: int) -> tuple[R
     plan and the config to run with."""
     folder = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(folder):
-        there = ", ".join(sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))) or "none"
+        there = ", ".join(sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))
+                          if os.path.isdir(ckpt_dir) else []) or "none"
         raise ConfigError(f"no checkpoint '{tag}' to resume in {ckpt_dir} (there: {there})")
     info = read_run_info(ckpt_dir, tag)
     saved_world = int(info["world_size"])

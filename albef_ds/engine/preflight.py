@@ -1,11 +1,12 @@
 """Every start-up check, in one place, before anything is built: a run that cannot finish stops
 now with one error naming the key, file or numbers, not thousands of steps in.
 
-Checks: the config's ranges; the output folder; the checkpoint to resume (present, complete, of
+Checks: the config's ranges; the checkpoint to resume (present, complete, of
 this task and model shape; on another number of ranks, the batch it keeps); the task's own
 checks; the metric that picks the best checkpoint; the tokenizer against the model's special ids
-and the corpora (when the run reads data); the DeepSpeed config against the project config; and
-the evaluation data (read now when evaluations are due).
+and the corpora (when the run reads data); the DeepSpeed config against the project config; the
+output folder (last: a refused run leaves none behind); and the evaluation data (read now when
+evaluations are due).
 """
 from __future__ import annotations
 
@@ -45,12 +46,6 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
     check_config(cfg)
     world = dist.world_size()
     ckpt_dir = os.path.join(output_dir, "checkpoints")
-    try:      # now, not at the first save thousands of steps in
-        os.makedirs(ckpt_dir, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the checkpoint folder {ckpt_dir} (output_dir {output_dir}): {exc}") from None
-    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"the checkpoint folder {ckpt_dir} (output_dir {output_dir}) is not writable")
     resume_plan, tag = None, _resume_tag(ckpt_dir, resume)
     if tag is not None:
         # first: a resume on another number of ranks changes the batch every later check sees
@@ -69,6 +64,12 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
         check_tokenizer(cfg)
         check_corpora(cfg)
     ds = resolve_ds_config(ds_config, cfg, world)
+    try:      # now, not at the first save thousands of steps in
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the checkpoint folder {ckpt_dir} (output_dir {output_dir}): {exc}") from None
+    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"the checkpoint folder {ckpt_dir} (output_dir {output_dir}) is not writable")
     if resume_plan is not None and resume_plan.elastic:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     evaluator = task.evaluator(output_dir) if cfg.eval.every_epochs else None

@@ -100,6 +100,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # A requeued run shifts it, in case the old run's socket is still in TIME_WAIT.
 MASTER_PORT=$(( 20000 + (SLURM_JOB_ID + 1000 * ${SLURM_RESTART_COUNT:-0}) % 10000 ))
 export MASTER_ADDR MASTER_PORT
+# sbatch hands the submitting shell's environment on: a RANK or WORLD_SIZE from a torchrun or
+# deepspeed session there would make every task a world of its own (train.py reads them first).
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE
 # NCCL: the defaults suit most clusters; uncomment what yours needs (docs/slurm.md explains).
 # export NCCL_DEBUG=INFO                 # or WARN; INFO prints the chosen transport per rank
 # export NCCL_SOCKET_IFNAME=ib0          # interface for bootstrap/sockets; ^lo,docker to exclude

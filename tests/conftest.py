@@ -22,6 +22,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _environment():
+    """A command run in-process (train, evaluate) sets RANK, WORLD_SIZE, MASTER_PORT...: they must
+    not reach the next test's launchers and jobs."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained():
     """The tiny ALBEF pretrained on the shapes corpus, shipped as a file (online weights, fp32; made

@@ -72,8 +72,10 @@ def read(path):
 
 def sbatch(env, tmp_path, args=(), nodes="2", log_name="job.log", **albef):
     """Submits a template as a `nodes`-node x 1-task CPU job; returns (job id, log path)."""
+    # RANK / WORLD_SIZE as a shell inside a torchrun session (or a test process that ran a
+    # command in-process) has them: sbatch hands them on, and common.sh must not let them through
     env = {**env, "ALBEF_VENV": VENV, "ALBEF_OUTPUT_ROOT": str(tmp_path / "out"),
-           "ALBEF_CONFIG": "albef_ds/configs/tiny.yaml", **albef}
+           "ALBEF_CONFIG": "albef_ds/configs/tiny.yaml", "RANK": "0", "WORLD_SIZE": "1", **albef}
     log = tmp_path / log_name
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
            "--gpus-per-node=0", "--time=20", f"--output={log}", str(TEMPLATE), *args]

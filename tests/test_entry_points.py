@@ -79,6 +79,10 @@ def test_evaluate_and_the_data_tools(tmp_path):
     line = run([sys.executable, "tools/make_shards.py", "--ann", str(tmp_path / "ann.json"), "--image-root",
                 str(tmp_path / "images"), "--out", str(tmp_path / "shards"), "--prefix", "x"], tmp_path)
     assert f"--image-root {tmp_path / 'images'} is not a folder" in line
+    (tmp_path / "empty.json").write_text("[]")
+    line = run([sys.executable, "tools/make_shards.py", "--ann", str(tmp_path / "empty.json"), "--image-root",
+                str(tmp_path), "--out", str(tmp_path / "shards"), "--prefix", "x"], tmp_path)
+    assert "empty.json: the annotation files list no entries" in line
     (tmp_path / "taken").write_text("a file, not a folder")
     line = run([sys.executable, "tools/make_synthetic_shards.py", "--out", str(tmp_path / "taken"),
                 "--train-samples", "8", "--heldout-samples", "4"], tmp_path)

@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         annotations = read_annotations(args.ann, args.image_root, TRAIN_KEYS if args.vqa else None)
+        if not annotations:
+            raise ConfigError(f"--ann {' '.join(args.ann)}: the annotation files list no "
+                              f"{'questions' if args.vqa else 'entries'}")
         if args.vqa:
-            if not annotations:
-                raise ConfigError(f"--ann {' '.join(args.ann)}: the annotation files list no questions")
             summary = make_question_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples)
         else:
             summary = make_shards(annotations, args.image_root, args.out, args.prefix, args.max_samples,

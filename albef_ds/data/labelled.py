@@ -18,7 +18,7 @@ import torch
 
 from ..tokenizer import clean_caption, tokenize
 from .codec import SampleCodec, decode_images, stack
-from .samples import sample_meta
+from .samples import meta_text
 
 # ALBEF's label ids: NLVR2's "True" is 1 (anything else 0 there; here only "False" is); SNLI-VE's words.
 NLVR_LABELS = {"False": 0, "True": 1}
@@ -53,14 +53,10 @@ class LabelledCodec(SampleCodec):
         self.max_words, self.max_tokens, self.images, self.labels = max_words, max_tokens, images, labels
 
     def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
-        try:
-            meta = sample_meta(raw)
-        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
-            return "bad_text"
-        sentence = meta.get("sentence")
-        sentence = clean_caption(sentence, self.max_words) if isinstance(sentence, str) else ""
-        if not sentence:
-            return "empty_caption"
+        got = meta_text(raw, "sentence", clean_caption, self.max_words, "empty_caption")
+        if isinstance(got, str):
+            return got
+        meta, sentence = got
         label = label_id(meta.get("label"), self.labels, f"sample {key}")
         images = decode_images(raw, self.images, self.transform, rng)
         if isinstance(images, str):

@@ -98,6 +98,19 @@ def sample_meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def meta_text(sample: dict, key: str, clean, max_words: int, empty_reason: str) -> Union[tuple[dict, str], str]:
+    """(the sample's json, its `key` text cleaned by clean(text, max_words)), or why the sample is
+    skipped: "bad_text" (text that is not UTF-8, json that does not parse) or `empty_reason` (the
+    text missing, or empty once cleaned)."""
+    try:
+        meta = sample_meta(sample)
+    except ValueError:                      # UnicodeDecodeError, JSONDecodeError
+        return "bad_text"
+    text = meta.get(key)
+    text = clean(text, max_words) if isinstance(text, str) else ""
+    return (meta, text) if text else empty_reason
+
+
 def sample_captions(sample: dict) -> list[str]:
     """json's "caption" (a string or a list) when present, else txt (the whole file, one caption).
     Raises ValueError on text that is not UTF-8 or json that does not parse."""

@@ -19,7 +19,7 @@ import torch
 # ALBEF deletes the same characters from questions as from captions
 from ..tokenizer import _DELETED, tokenize
 from .codec import SampleCodec, decode_images, stack
-from .samples import IMAGE_EXTENSIONS, sample_meta
+from .samples import IMAGE_EXTENSIONS, meta_text
 from .shards import brace_pattern, read_annotations, write_shard, write_sizes
 
 VG_WEIGHT = 0.5                       # the weight of a Visual Genome answer in the loss
@@ -104,14 +104,10 @@ class VQACodec(SampleCodec):
         self.max_words, self.max_tokens, self.max_answer_tokens = max_words, max_tokens, max_answer_tokens
 
     def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
-        try:
-            meta = sample_meta(raw)
-        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
-            return "bad_text"
-        question = meta.get("question")
-        question = clean_question(question, self.max_words) if isinstance(question, str) else ""
-        if not question:
-            return "empty_question"
+        got = meta_text(raw, "question", clean_question, self.max_words, "empty_question")
+        if isinstance(got, str):
+            return got
+        meta, question = got
         try:
             answers, weights = answer_weights(meta)
         except (KeyError, TypeError):

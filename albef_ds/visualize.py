@@ -68,6 +68,7 @@ def run(args) -> list[str]:
     from albef_ds.data.samples import decode_image
     from albef_ds.models import ALBEF
     from albef_ds.pictures import write_heat_pictures
+    from albef_ds.tasks.retrieval import eval_text_lengths
     from albef_ds.tokenizer import build_tokenizer
 
     images, texts = _images(args.image), _texts(args)
@@ -75,10 +76,7 @@ def run(args) -> list[str]:
     model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, ALBEF):
         raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
-    max_tokens = 30
-    if args.config:
-        max_tokens = albef_ds.load_config(args.config).data.max_tokens
-    max_tokens = min(max_tokens, model.cfg.text.max_position)
+    max_tokens, _ = eval_text_lengths(args.config, model)
     tokenizer = build_tokenizer(model.cfg.text.tokenizer)
     paths = []
     for path in images:

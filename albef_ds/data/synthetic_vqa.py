@@ -17,6 +17,7 @@ import os
 import random
 from pathlib import Path
 
+from ..io import atomic_write
 from .synthetic import ALL_ATTRIBUTES, COLOURS, COUNTS, POSITIONS, SHAPES, render
 
 ANNOTATORS = 10
@@ -110,7 +111,7 @@ def _vg_split(root: str, images: int, size: int, seed: int) -> list[dict]:
 
 
 def _write_json(path: str, value) -> str:
-    Path(path).write_text(json.dumps(value))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value)))
     return path
 
 

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 
 from .. import distributed as dist
+from ..data.shards import read_annotations
 from ..data.vqa import TEST_KEYS, answer_tokens, check_entries, clean_question
 from ..io import atomic_write
 from .inputs import device_dtype, load_images
@@ -47,10 +48,9 @@ def read_vqa_set(paths: Union[str, list], image_root: Optional[str] = None) -> V
     ValueError naming the file, the entry and the key that is missing."""
     entries = []
     for path in [paths] if isinstance(paths, str) else paths:
-        with open(path) as f:
-            content = json.load(f)
-        if not isinstance(content, list) or not content:
-            raise ValueError(f"{path} is not a non-empty JSON list of questions")
+        content = read_annotations(path)
+        if not content:
+            raise ValueError(f"{path} lists no questions")
         check_entries(content, path, TEST_KEYS)
         entries += content
     images = [os.path.join(image_root, e["image"]) if image_root else e["image"] for e in entries]

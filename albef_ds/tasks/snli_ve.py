@@ -144,21 +144,18 @@ class SNLIVETask(Task):
 
     @classmethod
     def evaluate_command(cls, model: Classifier, args) -> dict:
-        from ..config import load_config
         from ..eval.classification import evaluate_classification, read_labelled_set, samples_of_this_rank
         from ..tokenizer import build_tokenizer
+        from .retrieval import eval_text_lengths
 
-        max_tokens, max_words = 30, 30                 # ALBEF's fine-tuning text length
-        if args.config:
-            cfg = load_config(args.config)
-            max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
+        max_tokens, max_words = eval_text_lengths(args.config, model)
         try:
             data = read_labelled_set(args.data, cls.labels, model.images_per_text, args.image_root, max_words,
                                      samples_of_this_rank(args.batch_size))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--data {args.data}: {exc}") from None
         return evaluate_classification(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
-                                       min(max_tokens, model.cfg.text.max_position), args.batch_size)
+                                       max_tokens, args.batch_size)
 
     @classmethod
     def format_metrics(cls, metrics: dict) -> str:

@@ -9,7 +9,7 @@ Variants, each trained by albef_ds/train.py (one CPU process, ZeRO-2, --workers 
                             from it: the recipe (X = each --ta_lr, the shipped one is 3e-4)
   NLVR2 alone               NLVR2 from the pretrained checkpoint, the same steps
   NLVR2 alone, longer       NLVR2 from the pretrained checkpoint, as many more steps as the
-                            pre-step took (756 = 3 epochs of 252 instead of 2 of 250)
+                            pre-step took (1,255 = 5 epochs of 251 instead of 4 of 250)
 Writes <out>/results.json and prints a table of dev / test-P accuracy after each epoch.
 """
 import argparse
@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+from albef_ds.io import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(ROOT, "tests", "data", "tiny_pretrained.safetensors")
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         return train("tiny_nlvr2", f"{ta}_nlvr2", corpus + [f"model.init_checkpoint={ta}", f"train.seed={seed}"])
 
     def alone(seed, longer):
-        extra = ["data.epoch_samples=4032", "train.epochs=3"] if longer else []
+        extra = ["data.epoch_samples=4016", "train.epochs=5"] if longer else []
         return train("tiny_nlvr2", os.path.join(out, f"alone{'_longer' if longer else ''}_seed{seed}"),
                      corpus + [f"model.init_checkpoint={PRETRAINED}", f"train.seed={seed}", *extra])
 
@@ -72,8 +74,7 @@ def main(argv=None) -> int:
             jobs[("NLVR2 alone", seed)] = pool.submit(alone, seed, False)
             jobs[("NLVR2 alone, longer", seed)] = pool.submit(alone, seed, True)
         results = [{"variant": variant, "seed": seed, "evals": job.result()} for (variant, seed), job in jobs.items()]
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(out, "results.json"), lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)))
     print("| variant | seed | dev / test-P accuracy after each epoch (step) |\n| --- | --- | --- |")
     for r in sorted(results, key=lambda r: (r["variant"], r["seed"])):
         cells = ", ".join(f"{e['acc']:.1f} / {e['nlvr_test_acc']:.1f} ({e['step']})" for e in r["evals"])

@@ -65,5 +65,6 @@ def test_finetuned_model_answers_from_the_image(tmp_path, tiny_pretrained):
     colour, colour_prior = real["per_question_type"]["colour"], prior["per_question_type"]["colour"]
     assert colour >= 60.0 and colour >= 2 * colour_prior, (colour, colour_prior)
     consolidated = real["consolidated"]
+    assert {"acc", "per_question_type"} <= set(consolidated), consolidated     # no metric left out
     assert {k: v for k, v in consolidated.items() if k != "result_file"} == {
         k: v for k, v in real.items() if k in consolidated and k != "result_file"}

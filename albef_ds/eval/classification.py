@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
-from .inputs import device_dtype
+from .inputs import device_dtype, load_images
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
 SKIP_KEYS = ("missing_image", "corrupt_image", "empty_caption")
@@ -86,38 +86,31 @@ def samples_of_this_rank(batch_size: int) -> Callable[[int], bool]:
     return lambda i: dist.owner_of(i, batch_size, world) == rank
 
 
-def _decode(sources: list, transform) -> Optional[list]:
-    from ..data.samples import decode_image
-
-    try:
-        return [transform(decode_image(s)) for s in sources]
-    except Exception:                     # PIL raises many types on broken files
-        return None
-
-
 @torch.no_grad()
 def predict(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int, batch_size: int = 64,
             split_ranks: Optional[bool] = None) -> torch.Tensor:
     """[n] predicted classes of every sample (CORRUPT where an image could not be decoded), the
     same on every rank of the split."""
-    from ..data.transforms import EvalTransform
     from ..tokenizer import tokenize
 
     rank, world = dist.work_split(split_ranks)
     device, dtype = device_dtype(model)
-    transform, n = EvalTransform(img_size), len(data.images)
+    n = len(data.images)
     ids, mask = tokenize(tokenizer, data.sentences, max_tokens)
     was_training = model.training
     model.eval()
     parts = []
     try:
         for batch in dist.my_batches(n, batch_size, rank, world):
-            decoded = [_decode(data.images[i], transform) for i in batch]
-            rows = [k for k, images in enumerate(decoded) if images is not None]
+            unread: list[int] = []
+            # one tensor per image of the samples (NLVR2: two), the rows of unreadable ones in `unread`
+            slots = [load_images([data.images[i][j] for i in batch], [data.names[i] for i in batch],
+                                 range(len(batch)), img_size, [], unread)
+                     for j in range(len(data.images[batch[0]]))]
+            rows = [k for k in range(len(batch)) if k not in unread]
             out = torch.full((len(batch),), CORRUPT, dtype=torch.long, device=device)
             if rows:
-                slots = [torch.stack([decoded[k][j] for k in rows]).to(device, dtype)
-                         for j in range(len(decoded[rows[0]]))]
+                slots = [images[rows].to(device, dtype) for images in slots]
                 take = torch.tensor([batch[k] for k in rows])
                 logits = model.logits(*slots, ids[take].to(device), mask[take].to(device))
                 out[torch.tensor(rows, device=device)] = logits.argmax(-1)

@@ -21,7 +21,7 @@ from .. import distributed as dist
 from ..data.shards import read_annotations
 from ..data.vqa import TEST_KEYS, answer_tokens, check_entries, clean_question
 from ..io import atomic_write
-from .inputs import device_dtype, load_images
+from .inputs import device_dtype, predict_split
 from .vqa import accuracy_metrics
 
 RESULT_FILE = "vqa_result.json"
@@ -86,31 +86,23 @@ def question_tokens(tokenizer, questions: list[str], max_length: int) -> tuple[t
     return ids[:, :longest], mask[:, :longest]
 
 
-@torch.no_grad()
 def answer_questions(model, data: VQASet, answer_list: list[str], tokenizer, img_size: int, k_test: int,
                      batch_size: int = 64, split_ranks: Optional[bool] = None) -> list[int]:
     """The index in `answer_list` of every question's answer (NOT_ANSWERED where its image could not
     be read), the same on every rank of the split: batches of questions are dealt to the ranks
     (albef_ds.distributed) and the answers gathered."""
-    rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = device_dtype(model)[0]
     max_length = model.cfg.text.max_position
     answer_ids, answer_mask = (t.to(device) for t in answer_tokens(tokenizer, answer_list, max_length))
-    n, picked = len(data.questions), []
-    for batch in dist.my_batches(n, batch_size, rank, world):
-        unread = []
-        images = load_images(data.images, data.images, batch, img_size, [], unread)
-        best = torch.full((len(batch),), NOT_ANSWERED, dtype=torch.long, device=device)
-        rows = [j for j in range(len(batch)) if j not in unread]
-        if rows:
-            ids, mask = question_tokens(tokenizer, [data.questions[batch[j]] for j in rows], max_length)
-            ids, mask = ids.to(device), mask.to(device)
-            states = model.question_states(images[rows].to(device, dtype), ids, mask)
-            top, _ = model.rank_answers(states, mask, answer_ids, answer_mask, k_test)
-            best[rows] = top[:, 0]
-        picked.append(best)
-    local = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long, device=device)
-    return dist.gather_rows(local[:, None], n, batch_size, world)[:, 0].tolist()
+
+    def answer(slots: list, items: list) -> torch.Tensor:
+        ids, mask = question_tokens(tokenizer, [data.questions[i] for i in items], max_length)
+        ids, mask = ids.to(device), mask.to(device)
+        states = model.question_states(slots[0], ids, mask)
+        return model.rank_answers(states, mask, answer_ids, answer_mask, k_test)[0][:, 0]
+
+    images = [[image] for image in data.images]
+    return predict_split(model, images, img_size, batch_size, answer, NOT_ANSWERED, split_ranks).tolist()
 
 
 def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_size: int, k_test: int = 128,
@@ -119,12 +111,7 @@ def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_siz
     and returns, the same on every rank: questions, answered, skipped (unreadable images, with up
     to ten of them), k_test, and with the annotators' answers the VQA accuracy ("acc", "acc_<type>"
     per answer type, "per_question_type"). Rank 0 writes `result_file` (the server's format)."""
-    was_training = model.training
-    model.eval()
-    try:
-        picked = answer_questions(model, data, answer_list, tokenizer, img_size, k_test, batch_size, split_ranks)
-    finally:
-        model.train(was_training)
+    picked = answer_questions(model, data, answer_list, tokenizer, img_size, k_test, batch_size, split_ranks)
     answers = [answer_list[i] if i != NOT_ANSWERED else None for i in picked]
     skipped = [image for image, answer in zip(data.images, answers) if answer is None]
     out = {"questions": len(answers), "answered": len(answers) - len(skipped), "skipped": len(skipped),

@@ -20,7 +20,7 @@ import torch
 from ..tokenizer import _DELETED, tokenize
 from .codec import SampleCodec, decode_images, stack
 from .samples import IMAGE_EXTENSIONS, meta_text
-from .shards import brace_pattern, read_annotations, write_shard, write_sizes
+from .shards import brace_pattern, write_shard, write_sizes
 
 VG_WEIGHT = 0.5                       # the weight of a Visual Genome answer in the loss
 TRAIN_KEYS = ("question", "answer", "image")
@@ -77,19 +77,6 @@ def check_entries(entries: list, path: str, keys: tuple) -> None:
         for key in keys:
             if key not in entry:
                 raise ValueError(f"{path}: entry {i} has no '{key}' (VQA entries have {', '.join(keys)})")
-
-
-def check_training_files(corpora: list) -> None:
-    """The annotation files that corpora read directly are VQA training files (ValueError naming
-    the file, the entry and the missing key). One that cannot be read is left to the corpora's
-    own check, which names it."""
-    for corpus in corpora:
-        for path in map(os.path.expandvars, corpus.annotations):
-            try:
-                entries = read_annotations(path)
-            except (OSError, ValueError):
-                continue
-            check_entries(entries, path, TRAIN_KEYS)
 
 
 class VQACodec(SampleCodec):

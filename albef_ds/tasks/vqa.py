@@ -95,15 +95,13 @@ class VQATask(Task):
         return any(k.startswith("text_decoder.bert.") for k in keys)
 
     def check(self, world_size: int) -> None:
-        from ..data.vqa import check_training_files
+        from ..data.shards import check_corpus_annotations
+        from ..data.vqa import TRAIN_KEYS, check_entries
 
         if self.cfg.train.compile:
             raise ConfigError("train.compile is not supported for vqa: the number and length of the answers "
                               "change every batch, and each new shape would compile the decoder layers again")
-        try:
-            check_training_files(self.cfg.data.corpora)
-        except ValueError as exc:
-            raise ConfigError(f"data.corpora: {exc}") from None
+        check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_entries(entries, path, TRAIN_KEYS))
 
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> VQATrainingModel:
         return VQATrainingModel(model_cfg or self.cfg.model)

@@ -77,6 +77,28 @@ def read_answer_list(path: str) -> list[str]:
     return answers
 
 
+def read_vqa_inputs(data: Union[str, list], image_root: Optional[str], answer_list: str, tokenizer: str,
+                    data_option: str, list_option: str, training: bool = False) -> tuple[VQASet, list[str], object]:
+    """(the questions, the answer list, the tokenizer) of an evaluation; a file that is missing or
+    malformed is a ConfigError naming the option that gave it (`data_option`, `list_option`).
+    `training`: the evaluation of a training run, which needs the annotators' answers."""
+    from ..config import ConfigError
+    from ..tokenizer import build_tokenizer
+
+    try:
+        questions = read_vqa_set(data, image_root)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{data_option} {data}: {exc}") from None
+    if training and questions.annotators is None:
+        raise ConfigError(f"{data_option} {data}: an entry has no 'answer'; evaluating during training needs "
+                          "the annotators' answers (a test file goes to `python -m albef_ds.evaluate vqa`)")
+    try:
+        answers = read_answer_list(answer_list)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{list_option}: {exc}") from None
+    return questions, answers, build_tokenizer(tokenizer)
+
+
 def question_tokens(tokenizer, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`[CLS] words`, padded to the longest question (ALBEF does not truncate them at evaluation)."""
     from ..tokenizer import tokenize
@@ -140,24 +162,14 @@ class VQAEvaluator:
 
     def __init__(self, cfg, output_dir: str):
         from ..config import ConfigError
-        from ..tokenizer import build_tokenizer
 
         self.cfg = cfg
         e = cfg.eval
         if not e.data:
             raise ConfigError("VQA evaluation needs eval.data: VQA annotation files with answers (and eval.image_root)")
-        try:
-            self.data = read_vqa_set(e.data, e.image_root or None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"eval.data {e.data}: {exc}") from None
-        if self.data.annotators is None:
-            raise ConfigError(f"eval.data {e.data}: an entry has no 'answer'; evaluating during training "
-                              "needs the annotators' answers (a test file goes to `python -m albef_ds.evaluate vqa`)")
-        try:
-            self.answer_list = read_answer_list(cfg.options.answer_list)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"vqa.answer_list: {exc}") from None
-        self.tokenizer = build_tokenizer(cfg.model.text.tokenizer)
+        self.data, self.answer_list, self.tokenizer = read_vqa_inputs(
+            e.data, e.image_root or None, cfg.options.answer_list, cfg.model.text.tokenizer, "eval.data",
+            "vqa.answer_list", training=True)
         self.result_file = os.path.join(output_dir, RESULT_FILE)
 
     def __call__(self, model) -> dict:

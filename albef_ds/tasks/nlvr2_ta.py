@@ -43,7 +43,7 @@ class TextAssignmentModel(TextAssignment, TrainingModel):
         first = dist.rank() * b
         embeds = self.image_embeds(images)
         with torch.no_grad():
-            features = self.image_features(embeds)
+            features = self.project_image(embeds)
             everyone = dist.all_gather_nograd(features)
             n = everyone.shape[0]
             own = torch.arange(first, first + b, device=images.device)

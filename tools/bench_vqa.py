@@ -104,14 +104,15 @@ def main(argv=None) -> None:
         loss, _ = model(batch, ctx)
         loss.backward()
 
+    images = batch["image"].to(dtype)                          # the evaluation's input: the model's dtype
     with torch.no_grad():
-        states = model.question_states(batch["image"].to(dtype), ids.to(device), mask.to(device))
+        states = model.question_states(images, batch["input_ids"], batch["attention_mask"])
     states = states.detach().requires_grad_(True)
 
     def decoder_train():
         model.zero_grad(set_to_none=True)
-        logits, targets, answer = model.answer_logits(states, batch["attention_mask"], answer_ids.to(device),
-                                                      answer_mask.to(device), batch["answer_question"])
+        logits, targets, answer = model.answer_logits(states, batch["attention_mask"], batch["answer_ids"],
+                                                      batch["answer_mask"], batch["answer_question"])
         per_answer = objectives.answer_losses(logits, targets, answer, answer_ids.shape[0])
         objectives.vqa_loss(per_answer, batch["answer_weight"], b).backward()
 
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
     model.eval()
     with torch.no_grad():
         per_question["question_encoding"] = timed(
-            lambda: model.question_states(batch["image"].to(dtype), batch["input_ids"], batch["attention_mask"]),
+            lambda: model.question_states(images, batch["input_ids"], batch["attention_mask"]),
             args.warmup, args.repeats, gpu) / b
         frozen = states.detach()
         per_question["ranking"] = timed(
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         if args.full_list:
             per_question["ranking_full_list"] = timed(
                 lambda: model.rank_answers(frozen, batch["attention_mask"], list_ids, list_mask, args.answer_list),
-                1, 1, gpu) / b
+                args.warmup, args.repeats, gpu) / b
     result["seconds_per_question"] = per_question
     if gpu:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

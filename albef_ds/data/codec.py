@@ -64,9 +64,14 @@ class CaptionCodec(SampleCodec):
         self.tokenizer, self.transform = tokenizer, transform
         self.max_words, self.max_tokens, self.image_ids = max_words, max_tokens, image_ids
 
+    def captions(self, raw: dict) -> list[str]:
+        """The sample's captions, before cleaning (a codec of other text overrides this). Raises
+        ValueError on text that is not UTF-8 or json that does not parse."""
+        return sample_captions(raw)
+
     def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
         try:
-            captions = sample_captions(raw)
+            captions = self.captions(raw)
         except ValueError:                      # UnicodeDecodeError, JSONDecodeError
             return "bad_text"
         captions = [c for c in (clean_caption(c, self.max_words) for c in captions) if c]

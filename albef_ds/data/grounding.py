@@ -3,7 +3,6 @@ is every task's, data.transforms: the grounding configs set data.crop_scale null
 transform, the image resized whole so the geometry the expressions describe is kept.)"""
 from __future__ import annotations
 
-import json
 import random
 from typing import Union
 
@@ -23,16 +22,15 @@ class ExpressionCodec(CaptionCodec):
     def __init__(self, tokenizer, transform, max_words: int, max_tokens: int):
         super().__init__(tokenizer, transform, max_words, max_tokens, image_ids=False)
 
+    def captions(self, raw: dict) -> list[str]:
+        text = sample_meta(raw).get("text")
+        # a grounding entry: the expression is its caption
+        return [text] if isinstance(text, str) else super().captions(raw)
+
     def decode(self, raw: dict, key: str, rng: random.Random) -> Union[dict, str]:
-        try:
-            meta = sample_meta(raw)
-        except ValueError:                      # UnicodeDecodeError, JSONDecodeError
-            return "bad_text"
-        if isinstance(meta.get("text"), str):   # a grounding entry: the expression is its caption
-            raw = {**raw, "json": json.dumps({**meta, "caption": meta["text"]}).encode("utf-8")}
         sample = super().decode(raw, key, rng)
-        if isinstance(sample, dict):
-            sample["image_name"] = str(meta.get("image", key))
+        if isinstance(sample, dict):            # the json parsed: captions() read it
+            sample["image_name"] = str(sample_meta(raw).get("image", key))
         return sample
 
     def collate(self, samples: list[dict], keys: list[str]) -> dict:

@@ -21,12 +21,12 @@ import re
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import braceexpand
 import webdataset as wds
 
-from albef_ds.config import CorpusConfig
+from albef_ds.config import ConfigError, CorpusConfig
 from albef_ds.data.samples import IMAGE_EXTENSIONS, annotation_sample, read_shard
 
 SIZES_FILE = "sizes.json"
@@ -62,6 +62,24 @@ def read_annotations(path: str) -> list:
         raise ValueError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
     return entries
 
+
+
+def check_corpus_annotations(corpora: list, check: Callable[[list, str], None]) -> None:
+    """check(entries, path) on every annotation file that data.corpora (CorpusConfig or its dict)
+    read directly, before anything is built: a bad entry would otherwise stop the run where the
+    stream reaches it. A ValueError of `check` becomes a ConfigError "data.corpora: ...". A file
+    that cannot be read is left to the corpora's own check (resolve_corpora), which names it."""
+    for corpus in corpora:
+        annotations = corpus.get("annotations", []) if isinstance(corpus, dict) else corpus.annotations
+        for path in map(os.path.expandvars, annotations):
+            try:
+                entries = read_annotations(path)
+            except (OSError, ValueError):
+                continue
+            try:
+                check(entries, path)
+            except ValueError as exc:
+                raise ConfigError(f"data.corpora: {exc}") from None
 
 def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url

@@ -8,10 +8,8 @@ the image root of its dataset: one corpus per image root (data.corpora[].image_r
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
 from typing import Union
 
 import torch
@@ -19,8 +17,8 @@ import torch
 # ALBEF deletes the same characters from questions as from captions
 from ..tokenizer import _DELETED, tokenize
 from .codec import SampleCodec, decode_images, stack
-from .samples import IMAGE_EXTENSIONS, meta_text
-from .shards import brace_pattern, read_annotations, write_shard, write_sizes
+from .samples import annotation_sample, meta_text, sample_images
+from .shards import brace_pattern, write_shard, write_sizes
 
 VG_WEIGHT = 0.5                       # the weight of a Visual Genome answer in the loss
 TRAIN_KEYS = ("question", "answer", "image")
@@ -79,19 +77,6 @@ def check_entries(entries: list, path: str, keys: tuple) -> None:
                 raise ValueError(f"{path}: entry {i} has no '{key}' (VQA entries have {', '.join(keys)})")
 
 
-def check_training_files(corpora: list) -> None:
-    """The annotation files that corpora read directly are VQA training files (ValueError naming
-    the file, the entry and the missing key). One that cannot be read is left to the corpora's
-    own check, which names it."""
-    for corpus in corpora:
-        for path in map(os.path.expandvars, corpus.annotations):
-            try:
-                entries = read_annotations(path)
-            except (OSError, ValueError):
-                continue
-            check_entries(entries, path, TRAIN_KEYS)
-
-
 class VQACodec(SampleCodec):
     """A question with its image and weighted answers. The batch: image [B, 3, H, W], input_ids and
     attention_mask [B, max_tokens] (the question, `[CLS] words`), and the answers of all
@@ -130,8 +115,8 @@ class VQACodec(SampleCodec):
 
 def make_question_shards(entries: list[dict], image_root: str, out_dir: str, prefix: str,
                          max_samples: int = 10000) -> dict:
-    """Writes `<out_dir>/<prefix>-NNNNN.tar` shards of one sample per question (the entry as json,
-    its image as stored) and sizes.json. Returns {"pattern", "samples", "shards", "skipped"}
+    """Writes `<out_dir>/<prefix>-NNNNN.tar` shards of one sample per question (data.samples.
+    annotation_sample: the entry as json, its image as stored) and sizes.json. Returns {"pattern", "samples", "shards", "skipped"}
     (skipped: an image missing or not jpg/png/webp)."""
     if not entries:
         raise ValueError("the annotation files list no questions")
@@ -141,12 +126,11 @@ def make_question_shards(entries: list[dict], image_root: str, out_dir: str, pre
     def samples(first: int):
         nonlocal skipped
         for index, entry in enumerate(entries[first:first + max_samples], first):
-            ext = IMAGE_EXTENSIONS.get(Path(entry["image"]).suffix.lower())
-            file = os.path.join(image_root, entry["image"])
-            if ext is None or not os.path.isfile(file):
+            raw = annotation_sample(f"{index:09d}", entry, image_root)
+            if sample_images(raw) is None:
                 skipped += 1
                 continue
-            yield {"__key__": f"{index:09d}", ext: Path(file).read_bytes(), "json": json.dumps(entry).encode("utf-8")}
+            yield raw
 
     for shard, first in enumerate(range(0, len(entries), max_samples)):
         name = f"{prefix}-{shard:05d}.tar"

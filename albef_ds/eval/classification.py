@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
-from .inputs import device_dtype
+from .inputs import device_dtype, predict_split
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
 SKIP_KEYS = ("missing_image", "corrupt_image", "empty_caption")
@@ -86,46 +86,20 @@ def samples_of_this_rank(batch_size: int) -> Callable[[int], bool]:
     return lambda i: dist.owner_of(i, batch_size, world) == rank
 
 
-def _decode(sources: list, transform) -> Optional[list]:
-    from ..data.samples import decode_image
-
-    try:
-        return [transform(decode_image(s)) for s in sources]
-    except Exception:                     # PIL raises many types on broken files
-        return None
-
-
-@torch.no_grad()
 def predict(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int, batch_size: int = 64,
             split_ranks: Optional[bool] = None) -> torch.Tensor:
     """[n] predicted classes of every sample (CORRUPT where an image could not be decoded), the
     same on every rank of the split."""
-    from ..data.transforms import EvalTransform
     from ..tokenizer import tokenize
 
-    rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
-    transform, n = EvalTransform(img_size), len(data.images)
+    device = device_dtype(model)[0]
     ids, mask = tokenize(tokenizer, data.sentences, max_tokens)
-    was_training = model.training
-    model.eval()
-    parts = []
-    try:
-        for batch in dist.my_batches(n, batch_size, rank, world):
-            decoded = [_decode(data.images[i], transform) for i in batch]
-            rows = [k for k, images in enumerate(decoded) if images is not None]
-            out = torch.full((len(batch),), CORRUPT, dtype=torch.long, device=device)
-            if rows:
-                slots = [torch.stack([decoded[k][j] for k in rows]).to(device, dtype)
-                         for j in range(len(decoded[rows[0]]))]
-                take = torch.tensor([batch[k] for k in rows])
-                logits = model.logits(*slots, ids[take].to(device), mask[take].to(device))
-                out[torch.tensor(rows, device=device)] = logits.argmax(-1)
-            parts.append(out)
-    finally:
-        model.train(was_training)
-    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-    return dist.gather_rows(local, n, batch_size, world).cpu()
+
+    def classify(slots: list, items: list) -> torch.Tensor:
+        take = torch.tensor(items)
+        return model.logits(*slots, ids[take].to(device), mask[take].to(device)).argmax(-1)
+
+    return predict_split(model, data.images, img_size, batch_size, classify, CORRUPT, split_ranks)
 
 
 def accuracy(predictions: torch.Tensor, data: LabelledSet) -> dict:

@@ -1,8 +1,8 @@
 """What every evaluator does with its inputs: the model's device, images decoded on the rank that
-encodes them, failures reported by every rank together."""
+encodes them, failures reported by every rank together, per-item predictions split over the ranks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -43,3 +43,39 @@ def check_failures(failed: list, world: int, device: torch.device) -> None:
     if count.item():
         raise RuntimeError(f"{int(count.item())} evaluation images could not be read; on rank "
                            f"{dist.rank()}: {failed[:5]}")
+
+
+@torch.no_grad()
+def predict_split(model, images: list, img_size: int, batch_size: int,
+                  predict: Callable[[list, list], torch.Tensor], unread: int,
+                  split_ranks: Optional[bool] = None) -> torch.Tensor:
+    """[n] (long, on the CPU): one prediction per item, the same on every rank of the split (default:
+    all ranks of the process group). images[i]: item i's image sources (bytes or paths, as many for
+    every item). The items go in batches of batch_size dealt to the ranks (albef_ds.distributed's
+    work split); a rank decodes the images of its own batches and, with the model in eval mode and
+    no gradients, calls `predict(slots, items)` for the items whose images all decode (items: their
+    indices; slots: one [len(items), 3, img_size, img_size] tensor per image of an item, on the
+    model's device and in its dtype) -> their [len(items)] predictions. An item with an image that
+    cannot be read is predicted `unread`. The predictions are gathered."""
+    rank, world = dist.work_split(split_ranks)
+    device, dtype = device_dtype(model)
+    n = len(images)
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for batch in dist.my_batches(n, batch_size, rank, world):
+            failed_rows: list[int] = []
+            slots = []
+            for j in range(len(images[batch[0]])):
+                sources = [images[i][j] for i in batch]
+                slots.append(load_images(sources, sources, range(len(batch)), img_size, [], failed_rows))
+            rows = [k for k in range(len(batch)) if k not in failed_rows]
+            out = torch.full((len(batch),), unread, dtype=torch.long, device=device)
+            if rows:
+                out[rows] = predict([s[rows].to(device, dtype) for s in slots], [batch[k] for k in rows])
+            parts.append(out)
+    finally:
+        model.train(was_training)
+    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    return dist.gather_rows(local, n, batch_size, world).cpu()

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed as dist
 from .inputs import check_failures, device_dtype, load_images
@@ -152,8 +151,7 @@ def encode_set(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: 
         images = load_images(data.images, data.names, batch, img_size, failed).to(device, dtype)
         embeds = model.image_embeds(images)
         image_embeds.append(embeds)
-        # model.image_features(images) without running the ViT a second time
-        image_feats.append(F.normalize(model.vision_proj(embeds[:, 0]), dim=-1).float())
+        image_feats.append(model.project_image(embeds).float())       # the ViT run once
     check_failures(failed, world, device)
     for batch in dist.my_batches(len(texts), batch_size, rank, world):
         part = slice(batch.start, batch.stop)

@@ -21,7 +21,7 @@ from .. import distributed as dist
 from ..data.shards import read_annotations
 from ..data.vqa import TEST_KEYS, answer_tokens, check_entries, clean_question
 from ..io import atomic_write
-from .inputs import device_dtype, load_images
+from .inputs import device_dtype, predict_split
 from .vqa import accuracy_metrics
 
 RESULT_FILE = "vqa_result.json"
@@ -77,6 +77,28 @@ def read_answer_list(path: str) -> list[str]:
     return answers
 
 
+def read_vqa_inputs(data: Union[str, list], image_root: Optional[str], answer_list: str, tokenizer: str,
+                    data_option: str, list_option: str, training: bool = False) -> tuple[VQASet, list[str], object]:
+    """(the questions, the answer list, the tokenizer) of an evaluation; a file that is missing or
+    malformed is a ConfigError naming the option that gave it (`data_option`, `list_option`).
+    `training`: the evaluation of a training run, which needs the annotators' answers."""
+    from ..config import ConfigError
+    from ..tokenizer import build_tokenizer
+
+    try:
+        questions = read_vqa_set(data, image_root)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{data_option} {data}: {exc}") from None
+    if training and questions.annotators is None:
+        raise ConfigError(f"{data_option} {data}: an entry has no 'answer'; evaluating during training needs "
+                          "the annotators' answers (a test file goes to `python -m albef_ds.evaluate vqa`)")
+    try:
+        answers = read_answer_list(answer_list)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{list_option}: {exc}") from None
+    return questions, answers, build_tokenizer(tokenizer)
+
+
 def question_tokens(tokenizer, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`[CLS] words`, padded to the longest question (ALBEF does not truncate them at evaluation)."""
     from ..tokenizer import tokenize
@@ -86,31 +108,23 @@ def question_tokens(tokenizer, questions: list[str], max_length: int) -> tuple[t
     return ids[:, :longest], mask[:, :longest]
 
 
-@torch.no_grad()
 def answer_questions(model, data: VQASet, answer_list: list[str], tokenizer, img_size: int, k_test: int,
                      batch_size: int = 64, split_ranks: Optional[bool] = None) -> list[int]:
     """The index in `answer_list` of every question's answer (NOT_ANSWERED where its image could not
     be read), the same on every rank of the split: batches of questions are dealt to the ranks
     (albef_ds.distributed) and the answers gathered."""
-    rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = device_dtype(model)[0]
     max_length = model.cfg.text.max_position
     answer_ids, answer_mask = (t.to(device) for t in answer_tokens(tokenizer, answer_list, max_length))
-    n, picked = len(data.questions), []
-    for batch in dist.my_batches(n, batch_size, rank, world):
-        unread = []
-        images = load_images(data.images, data.images, batch, img_size, [], unread)
-        best = torch.full((len(batch),), NOT_ANSWERED, dtype=torch.long, device=device)
-        rows = [j for j in range(len(batch)) if j not in unread]
-        if rows:
-            ids, mask = question_tokens(tokenizer, [data.questions[batch[j]] for j in rows], max_length)
-            ids, mask = ids.to(device), mask.to(device)
-            states = model.question_states(images[rows].to(device, dtype), ids, mask)
-            top, _ = model.rank_answers(states, mask, answer_ids, answer_mask, k_test)
-            best[rows] = top[:, 0]
-        picked.append(best)
-    local = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long, device=device)
-    return dist.gather_rows(local[:, None], n, batch_size, world)[:, 0].tolist()
+
+    def answer(slots: list, items: list) -> torch.Tensor:
+        ids, mask = question_tokens(tokenizer, [data.questions[i] for i in items], max_length)
+        ids, mask = ids.to(device), mask.to(device)
+        states = model.question_states(slots[0], ids, mask)
+        return model.rank_answers(states, mask, answer_ids, answer_mask, k_test)[0][:, 0]
+
+    images = [[image] for image in data.images]
+    return predict_split(model, images, img_size, batch_size, answer, NOT_ANSWERED, split_ranks).tolist()
 
 
 def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_size: int, k_test: int = 128,
@@ -119,12 +133,7 @@ def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_siz
     and returns, the same on every rank: questions, answered, skipped (unreadable images, with up
     to ten of them), k_test, and with the annotators' answers the VQA accuracy ("acc", "acc_<type>"
     per answer type, "per_question_type"). Rank 0 writes `result_file` (the server's format)."""
-    was_training = model.training
-    model.eval()
-    try:
-        picked = answer_questions(model, data, answer_list, tokenizer, img_size, k_test, batch_size, split_ranks)
-    finally:
-        model.train(was_training)
+    picked = answer_questions(model, data, answer_list, tokenizer, img_size, k_test, batch_size, split_ranks)
     answers = [answer_list[i] if i != NOT_ANSWERED else None for i in picked]
     skipped = [image for image, answer in zip(data.images, answers) if answer is None]
     out = {"questions": len(answers), "answered": len(answers) - len(skipped), "skipped": len(skipped),
@@ -153,24 +162,14 @@ class VQAEvaluator:
 
     def __init__(self, cfg, output_dir: str):
         from ..config import ConfigError
-        from ..tokenizer import build_tokenizer
 
         self.cfg = cfg
         e = cfg.eval
         if not e.data:
             raise ConfigError("VQA evaluation needs eval.data: VQA annotation files with answers (and eval.image_root)")
-        try:
-            self.data = read_vqa_set(e.data, e.image_root or None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"eval.data {e.data}: {exc}") from None
-        if self.data.annotators is None:
-            raise ConfigError(f"eval.data {e.data}: an entry has no 'answer'; evaluating during training "
-                              "needs the annotators' answers (a test file goes to `python -m albef_ds.evaluate vqa`)")
-        try:
-            self.answer_list = read_answer_list(cfg.options.answer_list)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"vqa.answer_list: {exc}") from None
-        self.tokenizer = build_tokenizer(cfg.model.text.tokenizer)
+        self.data, self.answer_list, self.tokenizer = read_vqa_inputs(
+            e.data, e.image_root or None, cfg.options.answer_list, cfg.model.text.tokenizer, "eval.data",
+            "vqa.answer_list", training=True)
         self.result_file = os.path.join(output_dir, RESULT_FILE)
 
     def __call__(self, model) -> dict:

@@ -16,10 +16,10 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .albef import ALBEF
 from .bert import BertTextFusion, load_hf_bert
 from .vit import build_vit
 
@@ -61,9 +61,7 @@ class Classifier(nn.Module):
     def head(self, cls_states: torch.Tensor) -> torch.Tensor:
         return self.cls_head(cls_states)
 
-    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        """All image tokens [B, 1 + P, width] (the ViT's forward, so ZeRO-3's hooks gather it)."""
-        return self.visual_encoder(images)
+    image_embeds = ALBEF.image_embeds          # all image tokens [B, 1 + P, width], as ALBEF's
 
     def fused_cls(self, image_embeds: list[torch.Tensor], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, text_encoder=None) -> torch.Tensor:
@@ -119,7 +117,6 @@ class TextAssignment(Classifier):
     def head(self, cls_states: torch.Tensor) -> torch.Tensor:
         return self.ta_head(cls_states)
 
-    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projected [CLS] features [B, embed_dim] of image tokens [B, 1 + P, width]:
-        what pairs the images (their similarity over PAIRING_TEMP)."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+    # ALBEF's L2-normalised image features [B, embed_dim] from image tokens [B, 1 + P, width]: what
+    # pairs the images (their similarity over PAIRING_TEMP)
+    project_image = ALBEF.project_image

@@ -131,8 +131,7 @@ class ContrastiveModel(ALBEF, TrainingModel):
         with torch.no_grad():
             weights_i2t, valid_i = objectives.negative_weights(sim_i2t[:, :n], positives[:, :n])
             weights_t2i, valid_t = objectives.negative_weights(sim_t2i[:, :n], positives[:, :n])
-            uniforms = torch.rand(2, n, generator=generator, device=generator.device if generator
-                                  else images.device)[:, rows[0]:rows[0] + b].to(images.device)
+            uniforms = objectives.batch_uniforms(2, b, rows, generator, images.device)
             neg_text = objectives.sample_negatives(weights_i2t, uniforms[0])   # a text for each image
             neg_image = objectives.sample_negatives(weights_t2i, uniforms[1])  # an image for each text
         (neg_image_embeds,) = dist.fetch_rows(neg_image, image_embeds)

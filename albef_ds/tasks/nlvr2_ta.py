@@ -43,12 +43,11 @@ class TextAssignmentModel(TextAssignment, TrainingModel):
         first = dist.rank() * b
         embeds = self.image_embeds(images)
         with torch.no_grad():
-            features = self.image_features(embeds)
+            features = self.project_image(embeds)
             everyone = dist.all_gather_nograd(features)
             n = everyone.shape[0]
             own = torch.arange(first, first + b, device=images.device)
-            uniforms = torch.rand(4, n, generator=generator, device=generator.device if generator
-                                  else images.device)[:, first:first + b].to(images.device)
+            uniforms = objectives.batch_uniforms(4, b, (first, n), generator, images.device)
             slot0, slot1, labels = objectives.assign_text(features @ everyone.t() / PAIRING_TEMP, own, uniforms)
         (pairs,) = dist.fetch_rows(torch.cat([slot0, slot1]), embeds)
         logits = self.head(self.fused_cls([pairs[:b], pairs[b:]], ids, mask))

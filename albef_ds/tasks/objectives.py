@@ -78,6 +78,16 @@ def sample_negatives(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.where(landed_on_zero, weights.argmax(1), index)
 
 
+
+def batch_uniforms(count: int, b: int, rows: tuple[int, int], generator: Optional[torch.Generator],
+                   device: torch.device) -> torch.Tensor:
+    """[count, b] uniform numbers in [0, 1) for this rank's rows [offset, offset + b) of a global
+    batch of `total` rows, rows=(offset, total): drawn for the whole batch from `generator` (on its
+    device) and sliced, so every split of a batch over ranks draws what one process draws."""
+    offset, total = rows
+    return torch.rand(count, total, generator=generator, device=generator.device if generator
+                      else device)[:, offset:offset + b].to(device)
+
 def itm(logits: torch.Tensor, valid: torch.Tensor, normalizer: Optional[torch.Tensor] = None):
     """Image-text matching loss on [positives (b) | negatives (2b)] rows of 2-way logits.
 

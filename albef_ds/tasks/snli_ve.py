@@ -7,7 +7,6 @@ accuracy evaluator and its command. See docs/classification.md.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import ClassVar, Optional
 
@@ -102,20 +101,10 @@ class SNLIVETask(Task):
     def check(self, world_size: int) -> None:
         """The labels of the training annotation files, before anything is built (a bad one would
         otherwise stop the run where the stream reaches it)."""
-        from ..data.labelled import LabelError, check_labels
-        from ..data.shards import read_annotations
+        from ..data.labelled import check_labels
+        from ..data.shards import check_corpus_annotations
 
-        for corpus in self.cfg.data.corpora:
-            annotations = corpus.get("annotations", []) if isinstance(corpus, dict) else corpus.annotations
-            for path in map(os.path.expandvars, annotations):
-                try:
-                    entries = read_annotations(path)
-                except (OSError, ValueError):
-                    continue                # the corpora check names the unreadable file
-                try:
-                    check_labels(entries, self.labels, path)
-                except LabelError as exc:
-                    raise ConfigError(f"data.corpora: {exc}") from None
+        check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_labels(entries, self.labels, path))
 
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> DistilledClassifier:
         return self.training_class(model_cfg or self.cfg.model)

@@ -95,15 +95,13 @@ class VQATask(Task):
         return any(k.startswith("text_decoder.bert.") for k in keys)
 
     def check(self, world_size: int) -> None:
-        from ..data.vqa import check_training_files
+        from ..data.shards import check_corpus_annotations
+        from ..data.vqa import TRAIN_KEYS, check_entries
 
         if self.cfg.train.compile:
             raise ConfigError("train.compile is not supported for vqa: the number and length of the answers "
                               "change every batch, and each new shape would compile the decoder layers again")
-        try:
-            check_training_files(self.cfg.data.corpora)
-        except ValueError as exc:
-            raise ConfigError(f"data.corpora: {exc}") from None
+        check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_entries(entries, path, TRAIN_KEYS))
 
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> VQATrainingModel:
         return VQATrainingModel(model_cfg or self.cfg.model)
@@ -151,20 +149,12 @@ class VQATask(Task):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..eval.vqa_answering import RESULT_FILE, evaluate_vqa, read_answer_list, read_vqa_set
-        from ..tokenizer import build_tokenizer
+        from ..eval.vqa_answering import RESULT_FILE, evaluate_vqa, read_vqa_inputs
 
-        try:
-            data = read_vqa_set(args.data, args.image_root)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--data {args.data}: {exc}") from None
-        try:
-            answer_list = read_answer_list(args.answer_list)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--answer_list: {exc}") from None
-        return evaluate_vqa(model, data, answer_list, build_tokenizer(model.cfg.text.tokenizer),
-                            model.cfg.vision.img_size, args.k_test, args.batch_size,
-                            os.path.join(args.output_dir, RESULT_FILE))
+        data, answer_list, tokenizer = read_vqa_inputs(args.data, args.image_root, args.answer_list,
+                                                       model.cfg.text.tokenizer, "--data", "--answer_list")
+        return evaluate_vqa(model, data, answer_list, tokenizer, model.cfg.vision.img_size, args.k_test,
+                            args.batch_size, os.path.join(args.output_dir, RESULT_FILE))
 
     @classmethod
     def format_metrics(cls, metrics: dict) -> str:

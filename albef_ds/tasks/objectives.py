@@ -78,7 +78,6 @@ def sample_negatives(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.where(landed_on_zero, weights.argmax(1), index)
 
 
-
 def batch_uniforms(count: int, b: int, rows: tuple[int, int], generator: Optional[torch.Generator],
                    device: torch.device) -> torch.Tensor:
     """[count, b] uniform numbers in [0, 1) for this rank's rows [offset, offset + b) of a global
@@ -87,6 +86,7 @@ def batch_uniforms(count: int, b: int, rows: tuple[int, int], generator: Optiona
     offset, total = rows
     return torch.rand(count, total, generator=generator, device=generator.device if generator
                       else device)[:, offset:offset + b].to(device)
+
 
 def itm(logits: torch.Tensor, valid: torch.Tensor, normalizer: Optional[torch.Tensor] = None):
     """Image-text matching loss on [positives (b) | negatives (2b)] rows of 2-way logits.

@@ -34,6 +34,11 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
+    # Position embeddings of a randomly initialised ViT: "timm" (truncated normal, std 0.02) or
+    # "sincos" (MAE's fixed 2D sin-cos table as the starting value, still learned). Trained from
+    # scratch on little data, a ViT started from timm's small values does not learn where things
+    # are (docs/retrieval.md); pretrained weights replace either.
+    pos_embed_init: str = "timm"
 
 
 @dataclass
@@ -178,6 +183,7 @@ MINIMUMS = {
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+POS_EMBED_INITS = ("timm", "sincos")
 
 
 @dataclass
@@ -362,6 +368,8 @@ def validate_model_config(m: ModelConfig) -> None:
     v, t = m.vision, m.text
     if v.img_size % v.patch_size:
         raise ConfigError(f"model.vision.img_size {v.img_size} is not a multiple of patch_size {v.patch_size}")
+    if v.pos_embed_init not in POS_EMBED_INITS:
+        raise ConfigError(f"model.vision.pos_embed_init '{v.pos_embed_init}' is not one of {', '.join(POS_EMBED_INITS)}")
     if v.width % v.heads or t.hidden % t.heads:
         raise ConfigError(f"widths must divide by heads: vision {v.width}/{v.heads}, text {t.hidden}/{t.heads}")
     if not 0 < t.fusion_start < t.layers:

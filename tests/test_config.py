@@ -22,6 +22,8 @@ def test_build_model_from_name_path_and_dict(tmp_path):
         load_config("tiny", ["model.vision.widht=3"])
     with pytest.raises(ConfigError, match="train.compile_mode 'fast' is not one of default, reduce-overhead"):
         load_config("tiny", ["train.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="model.vision.pos_embed_init 'sin' is not one of timm, sincos"):
+        load_config("tiny", ["model.vision.pos_embed_init=sin"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -127,3 +127,33 @@ def test_vit_loads_timm_weights_file_and_resizes_pos_embed(tmp_path):
 def test_vit_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_vit(vision_cfg(pretrained=str(tmp_path / "nowhere.pth")))
+
+
+def test_vit_sincos_start_is_maes_table_and_pretrained_weights_replace_it(tmp_path):
+    """pos_embed_init sincos: the patch at (row r, column c) starts at
+    [sin(r w_j), cos(r w_j), sin(c w_j), cos(c w_j)], w_j = 10000^(-j / (width / 4)), written here
+    as a loop over the table; the CLS entry is zero; the table is learned (a parameter). A weights
+    file replaces it."""
+    import dataclasses
+    import math
+
+    cfg = VisionConfig(img_size=32, patch_size=8, width=16, depth=1, heads=2, pos_embed_init="sincos")
+    vit = build_vit(cfg)
+    table = vit.pos_embed.detach()[0]
+    assert table.shape == (17, 16) and vit.pos_embed.requires_grad
+    assert torch.equal(table[0], torch.zeros(16))
+    quarter = 4
+    for r in range(4):
+        for c in range(4):
+            expected = []
+            for index in (r, c):
+                w = [10000 ** (-j / quarter) for j in range(quarter)]
+                expected += [math.sin(index * x) for x in w] + [math.cos(index * x) for x in w]
+            torch.testing.assert_close(table[1 + 4 * r + c], torch.tensor(expected), rtol=0, atol=1e-6)
+    timm_start = build_vit(dataclasses.replace(cfg, pos_embed_init="timm"))
+    assert timm_start.pos_embed.abs().max() < 0.1
+    weights = tmp_path / "vit.pth"
+    torch.save({k: torch.full_like(v, 0.5) if k == "pos_embed" else v for k, v in timm_start.state_dict().items()},
+               weights)
+    loaded = build_vit(dataclasses.replace(cfg, pretrained=str(weights)))
+    assert torch.equal(loaded.pos_embed.detach(), torch.full((1, 17, 16), 0.5))

@@ -30,7 +30,27 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained, "num_classes": 0}
     vit = timm.create_model(cfg.timm_name, pretrained=bool(pretrained), **kwargs)
     vit.set_grad_checkpointing(cfg.grad_checkpointing)
+    if not pretrained and cfg.pos_embed_init == "sincos":
+        with torch.no_grad():
+            vit.pos_embed.copy_(sincos_pos_embed(cfg.img_size // cfg.patch_size, cfg.width))
     return vit
+
+
+def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
+    """MAE's 2D sin-cos position table [1, 1 + grid * grid, width], zeros for the CLS token: the
+    first half of the channels encodes the patch's row, the second half its column, each as
+    sin / cos of the index at frequencies 1 / 10000^(j / (width / 4))."""
+    if width % 4:
+        raise ValueError(f"a 2D sin-cos table needs a width divisible by 4, not {width}")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    halves = []
+    for index in (rows, cols):
+        angles = index.flatten().double()[:, None] * frequencies[None]
+        halves.append(torch.cat([angles.sin(), angles.cos()], 1))
+    table = torch.cat([torch.zeros(1, width, dtype=torch.float64), torch.cat(halves, 1)])
+    return table[None].float()
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, img_size: int, patch_size: int) -> torch.Tensor:

@@ -16,14 +16,14 @@ from .retrieval import RetrievalSet, evaluate_retrieval, read_shard_set
 HELDOUT_FILE = "heldout_eval.json"
 
 
-def _word_ids(tokenizer, words) -> torch.Tensor:
+def word_ids(tokenizer, words) -> torch.Tensor:
     ids = tokenizer.convert_tokens_to_ids(list(words))
     if tokenizer.unk_token_id in ids:
         raise ValueError(f"the tokenizer has no single token for one of {list(words)}")
     return torch.tensor(ids)
 
 
-def _word_positions(ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def first_word_positions(ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Per row, the first position holding one of `candidates` (-1: none)."""
     hit = torch.isin(ids, candidates)
     pos = hit.float().argmax(1)
@@ -57,10 +57,10 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
                           data.meta[i].get("attributes") != data.meta[other[i]].get("attributes")
                           for i in range(n)])
     ids, mask = tokenize(tokenizer, [caps[0] for caps in data.captions], max_tokens)
-    colours = _word_ids(tokenizer, COLOURS)
-    singular, plural = _word_ids(tokenizer, SHAPES), _word_ids(tokenizer, SHAPES.values())
-    colour_pos = _word_positions(ids, colours)
-    shape_pos = _word_positions(ids, torch.cat([singular, plural]))
+    colours = word_ids(tokenizer, COLOURS)
+    singular, plural = word_ids(tokenizer, SHAPES), word_ids(tokenizer, SHAPES.values())
+    colour_pos = first_word_positions(ids, colours)
+    shape_pos = first_word_positions(ids, torch.cat([singular, plural]))
     if (colour_pos < 0).any() or (shape_pos < 0).any():
         raise ValueError("held-out captions without a colour or shape word: not the shapes corpus?")
     rows = torch.arange(n)
@@ -127,6 +127,49 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
             "mlm_colour_acc_shuffled": 100 * counts[6].item() / counts[8].item(),
             "mlm_shape_acc_shuffled": 100 * counts[7].item() / counts[8].item(),
             "mlm_colour_chance": 100 / len(COLOURS), "mlm_shape_chance": 100 / len(SHAPES)}
+
+
+def attribute_words() -> dict:
+    """{attribute: the words that name it in the captions (synthetic.caption)}; of a position
+    phrase, the word that tells the side ("on the left side", "in the middle")."""
+    from ..data.synthetic import COLOURS, COUNT_WORDS, POSITION_PHRASES, SHAPES, SIZE_WORDS
+
+    return {"colour": list(COLOURS), "shape": [*SHAPES, *SHAPES.values()],
+            "count": sorted({w for words in COUNT_WORDS.values() for w in words} - {"a"}),   # "a" opens templates too
+            "size": sorted({w for words in SIZE_WORDS.values() for w in words}),
+            "position": sorted({w for phrases in POSITION_PHRASES.values() for p in phrases for w in p.split()}
+                               - {"on", "the", "at", "in", "near", "side"})}
+
+
+@torch.no_grad()
+def attribute_probe(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: int) -> dict:
+    """What the model reads from the image, per attribute of the shapes corpus (one process): in
+    each held-out caption (the first of each image) the attribute's word is masked and the MLM head
+    picks among that attribute's words, with the caption's own image and with another held-out
+    image (what the caption's other words alone tell). {attribute: {"image": %, "other_image": %,
+    "captions": n}}; count: the captions that say one / two / three ("a" also opens templates)."""
+    from ..tokenizer import tokenize
+
+    n = len(data.images)
+    ids, mask = tokenize(tokenizer, [captions[0] for captions in data.captions], max_tokens)
+    images = load_images(data.images, data.names, range(n), img_size, [])
+    others = images[[(i + n // 2) % n for i in range(n)]]
+    out = {}
+    for attribute, words in attribute_words().items():
+        candidates = word_ids(tokenizer, words)
+        position = first_word_positions(ids, candidates)
+        rows = (position >= 0).nonzero().squeeze(1)
+        at = position[rows]
+        masked = ids[rows].clone()
+        truth = masked[torch.arange(len(rows)), at].clone()
+        masked[torch.arange(len(rows)), at] = tokenizer.mask_token_id
+        scores = {}
+        for name, pixels in (("image", images[rows]), ("other_image", others[rows])):
+            logits = model.mlm_logits(pixels, masked, mask[rows]).float()[torch.arange(len(rows)), at]
+            picked = candidates[logits[:, candidates].argmax(1)]
+            scores[name] = round(100.0 * (picked == truth).float().mean().item(), 1)
+        out[attribute] = {**scores, "captions": len(rows)}
+    return out
 
 
 def evaluate_heldout(model, cfg, output_dir: str, k_test: int = 32, batch_size: int = 64,

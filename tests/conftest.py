@@ -37,3 +37,10 @@ def tiny_pretrained():
     """The tiny ALBEF pretrained on the shapes corpus, shipped as a file (online weights, fp32; made
     by `make tiny-pretrained`): where the downstream tasks' learning tests start."""
     return os.path.join(os.path.dirname(__file__), "data", "tiny_pretrained.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_positions():
+    """The tiny ALBEF pretrained to read positions too (`make tiny-pretrained-positions`: sin-cos
+    position start, batches of 32): where VQA's learning test starts."""
+    return os.path.join(os.path.dirname(__file__), "data", "tiny_pretrained_positions.safetensors")

@@ -75,3 +75,34 @@ def test_the_shipped_pretrained_checkpoint_fits_the_tiny_model_and_has_learned(t
                              tiny.data.max_tokens, k_test=16, split_ranks=False)
     print({k: round(out[k], 2) for k in ("img_r1", "txt_r1", "r_mean")})
     assert out["img_r1"] >= 10 * 100 / 64, out
+
+
+def test_the_positions_checkpoint_reads_where_things_are(tiny_pretrained, tiny_pretrained_positions, tmp_path):
+    """tests/data/tiny_pretrained_positions.safetensors (make tiny-pretrained-positions) is the tiny
+    architecture with the sin-cos position start, and names the position of the shapes from the
+    image (masked position word), where tiny_pretrained does no better than the caption alone."""
+    import dataclasses
+
+    from albef_ds import load_model
+    from albef_ds.checkpoint import read_checkpoint
+    from albef_ds.config import load_config
+    from albef_ds.data import write_synthetic_corpus
+    from albef_ds.eval.retrieval import read_shard_set
+    from albef_ds.eval.shapes_probe import attribute_probe
+    from albef_ds.tokenizer import build_tokenizer
+
+    tiny = load_config("tiny", ["model.vision.pos_embed_init=sincos"])
+    stored = read_checkpoint(tiny_pretrained_positions).config.model
+    assert dataclasses.asdict(stored) == dataclasses.asdict(tiny.model.architecture_only())
+    heldout = write_synthetic_corpus(str(tmp_path), dataclasses.replace(
+        tiny.data.synthetic, train_samples=0, heldout_samples=128, seed=7))["heldout"]
+    data, tok = read_shard_set(heldout), build_tokenizer(tiny.model.text.tokenizer)
+    probe = {name: attribute_probe(load_model(path), data, tok, tiny.model.vision.img_size, tiny.data.max_tokens)
+             for name, path in (("positions", tiny_pretrained_positions), ("former", tiny_pretrained))}
+    print(probe)
+    position = probe["positions"]["position"]
+    assert position["image"] >= 60.0 and position["image"] >= 2 * position["other_image"], probe
+    former = probe["former"]["position"]
+    assert abs(former["image"] - former["other_image"]) <= 10.0, probe
+    for checkpoint in probe.values():       # both name the colour from the image
+        assert checkpoint["colour"]["image"] >= 90.0 and checkpoint["colour"]["other_image"] <= 35.0, probe

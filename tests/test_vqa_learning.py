@@ -1,4 +1,5 @@
-"""Proof of learning for VQA: from the tiny pretrained checkpoint, fine-tuning with the engine
+"""Proof of learning for VQA: from the tiny pretrained checkpoint that reads positions
+(tests/data/tiny_pretrained_positions.safetensors), fine-tuning with the engine
 (DeepSpeed ZeRO-2, one CPU process) on the generated corpus answers held-out questions from the
 image: far above what the same recipe reaches with the images shuffled (the question-only prior).
 Also: the training checkpoint, consolidated by the conversion tool, answers as the trainer did.
@@ -42,7 +43,7 @@ def finetune_and_evaluate(rank, world, out_dir, corpus, train_file, vg_file, ini
     return out
 
 
-def test_finetuned_model_answers_from_the_image(tmp_path, tiny_pretrained):
+def test_finetuned_model_answers_from_the_image(tmp_path, tiny_pretrained_positions):
     from albef_ds.data.synthetic_vqa import shuffle_images, write_vqa_corpus
 
     corpus = write_vqa_corpus(str(tmp_path / "corpus"), **CORPUS)
@@ -51,19 +52,19 @@ def test_finetuned_model_answers_from_the_image(tmp_path, tiny_pretrained):
     # the two fine-tunings side by side, one process each
     with ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(run_ranks, finetune_and_evaluate, 1, str(tmp_path / name), corpus, *files,
-                            tiny_pretrained, name == "real")
+                            tiny_pretrained_positions, name == "real")
                 for name, files in (("real", (corpus["train"], corpus["vg"])), ("shuffled", shuffled))]
         real, prior = (run.result()[0] for run in runs)
     for run in (real, prior):
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in run.items() if k != "consolidated"})
         assert run["exit_code"] == 0 and run["skipped_in_training"] == 0 and run["skipped"] == 0
-    # Overall, well above the question-only prior ...
-    assert real["acc"] >= prior["acc"] + 10.0, (real["acc"], prior["acc"])
-    # ... and on what the tiny pretrained checkpoint knows of the images (their colours; it learned
-    # next to nothing of shapes and positions, see docs/vqa.md), the issue's margins: at least 60%
-    # and at least twice the prior.
-    colour, colour_prior = real["per_question_type"]["colour"], prior["per_question_type"]["colour"]
-    assert colour >= 60.0 and colour >= 2 * colour_prior, (colour, colour_prior)
+    # The issue's margins: at least 60% overall and at least twice the question-only prior (measured
+    # 73.87 vs 35.93, docs/vqa.md) ...
+    assert real["acc"] >= 60.0 and real["acc"] >= 2 * prior["acc"], (real["acc"], prior["acc"])
+    # ... and they hold on what the checkpoint reads best from the image
+    for kind in ("colour", "position"):
+        accuracy, prior_accuracy = real["per_question_type"][kind], prior["per_question_type"][kind]
+        assert accuracy >= 60.0 and accuracy >= 2 * prior_accuracy, (kind, accuracy, prior_accuracy)
     consolidated = real["consolidated"]
     assert {"acc", "per_question_type"} <= set(consolidated), consolidated     # no metric left out
     assert {k: v for k, v in consolidated.items() if k != "result_file"} == {

@@ -12,15 +12,26 @@ Prints and (with --output) writes {attribute: {"image": %, "other_image": %, "ca
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from albef_ds import load_model
+from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import SyntheticConfig
 from albef_ds.data.synthetic import write_synthetic_corpus
 from albef_ds.eval.retrieval import read_shard_set
 from albef_ds.eval.shapes_probe import attribute_probe
+from albef_ds.io import atomic_write
 from albef_ds.tokenizer import build_tokenizer
+
+
+def probe(args) -> dict:
+    model = load_model(args.checkpoint, trusted=args.trust_checkpoint)
+    corpus = write_synthetic_corpus(args.corpus_dir, SyntheticConfig(train_samples=0, heldout_samples=args.images))
+    cfg = model.cfg
+    return attribute_probe(model, read_shard_set(corpus["heldout"]), build_tokenizer(cfg.text.tokenizer),
+                           cfg.vision.img_size, args.max_tokens)
 
 
 def main(argv=None) -> int:
@@ -30,17 +41,16 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus_dir", default="/tmp/albef_ds_probe_shapes")
     ap.add_argument("--max_tokens", type=int, default=16, help="caption length in tokens (the tiny recipe's)")
     ap.add_argument("--output", help="also write the result as json")
+    ap.add_argument("--trust_checkpoint", action="store_true", help="unpickle a .pth file in full (trusted files only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = load_model(args.checkpoint).eval()
-    corpus = write_synthetic_corpus(args.corpus_dir, SyntheticConfig(train_samples=0, heldout_samples=args.images))
-    cfg = model.cfg
-    result = attribute_probe(model, read_shard_set(corpus["heldout"]), build_tokenizer(cfg.text.tokenizer),
-                             cfg.vision.img_size, args.max_tokens)
+    try:
+        result = probe(args)
+        if args.output:
+            atomic_write(args.output, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    except (ValueError, OSError) + INPUT_ERRORS as exc:
+        return report_input_error(exc)
     print(json.dumps(result))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

@@ -63,7 +63,6 @@ def read_annotations(path: str) -> list:
     return entries
 
 
-
 def check_corpus_annotations(corpora: list, check: Callable[[list, str], None]) -> None:
     """check(entries, path) on every annotation file that data.corpora (CorpusConfig or its dict)
     read directly, before anything is built: a bad entry would otherwise stop the run where the
@@ -80,6 +79,7 @@ def check_corpus_annotations(corpora: list, check: Callable[[list, str], None]) 
                 check(entries, path)
             except ValueError as exc:
                 raise ConfigError(f"data.corpora: {exc}") from None
+
 
 def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url

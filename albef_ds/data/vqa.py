@@ -115,9 +115,10 @@ class VQACodec(SampleCodec):
 
 def make_question_shards(entries: list[dict], image_root: str, out_dir: str, prefix: str,
                          max_samples: int = 10000) -> dict:
-    """Writes `<out_dir>/<prefix>-NNNNN.tar` shards of one sample per question (data.samples.
-    annotation_sample: the entry as json, its image as stored) and sizes.json. Returns {"pattern", "samples", "shards", "skipped"}
-    (skipped: an image missing or not jpg/png/webp)."""
+    """Writes `<out_dir>/<prefix>-NNNNN.tar` shards of one sample per question
+    (data.samples.annotation_sample: the entry as json, its image as stored) and sizes.json.
+    Returns {"pattern", "samples", "shards", "skipped"} (skipped: an image missing or not
+    jpg/png/webp)."""
     if not entries:
         raise ValueError("the annotation files list no questions")
     os.makedirs(out_dir, exist_ok=True)

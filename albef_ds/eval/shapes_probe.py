@@ -150,25 +150,34 @@ def attribute_probe(model, data: RetrievalSet, tokenizer, img_size: int, max_tok
     "captions": n}}; count: the captions that say one / two / three ("a" also opens templates)."""
     from ..tokenizer import tokenize
 
+    device, dtype = device_dtype(model)
     n = len(data.images)
     ids, mask = tokenize(tokenizer, [captions[0] for captions in data.captions], max_tokens)
-    images = load_images(data.images, data.names, range(n), img_size, [])
+    failed = []
+    images = load_images(data.images, data.names, range(n), img_size, failed)
+    check_failures(failed, 1, device)
+    images = images.to(device, dtype)
     others = images[[(i + n // 2) % n for i in range(n)]]
     out = {}
-    for attribute, words in attribute_words().items():
-        candidates = word_ids(tokenizer, words)
-        position = first_word_positions(ids, candidates)
-        rows = (position >= 0).nonzero().squeeze(1)
-        at = position[rows]
-        masked = ids[rows].clone()
-        truth = masked[torch.arange(len(rows)), at].clone()
-        masked[torch.arange(len(rows)), at] = tokenizer.mask_token_id
-        scores = {}
-        for name, pixels in (("image", images[rows]), ("other_image", others[rows])):
-            logits = model.mlm_logits(pixels, masked, mask[rows]).float()[torch.arange(len(rows)), at]
-            picked = candidates[logits[:, candidates].argmax(1)]
-            scores[name] = round(100.0 * (picked == truth).float().mean().item(), 1)
-        out[attribute] = {**scores, "captions": len(rows)}
+    was_training = model.training
+    model.eval()
+    try:
+        for attribute, words in attribute_words().items():
+            candidates = word_ids(tokenizer, words)
+            position = first_word_positions(ids, candidates)
+            rows = (position >= 0).nonzero().squeeze(1)
+            at = position[rows]
+            masked = ids[rows].clone()
+            truth = masked[torch.arange(len(rows)), at].clone()
+            masked[torch.arange(len(rows)), at] = tokenizer.mask_token_id
+            scores = {}
+            for name, pixels in (("image", images[rows]), ("other_image", others[rows])):
+                logits = model.mlm_logits(pixels, masked.to(device), mask[rows].to(device)).float().cpu()
+                chosen = logits[torch.arange(len(rows)), at][:, candidates].argmax(1)
+                scores[name] = round(100.0 * (candidates[chosen] == truth).float().mean().item(), 1)
+            out[attribute] = {**scores, "captions": len(rows)}
+    finally:
+        model.train(was_training)
     return out
 
 

@@ -1,0 +1,178 @@
+"""python -m albef_ds.index: the evaluator's features on 1 and 2 ranks (the same files), a killed
+run resumed (the same files, only the missing parts encoded), unreadable images counted and
+listed, and bad input stopped in one line before any work."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from albef_ds.index import main
+from helpers import run_ranks
+from search_helpers import (BATCH, HELDOUT, files_of, heldout_corpus, index_args, other_albef, run_command,
+                            vqa_checkpoint)
+
+PRETRAINED = os.path.join(os.path.dirname(__file__), "data", "tiny_pretrained.safetensors")
+
+
+def _index_on_ranks(rank, world, argv):
+    return main(argv)
+
+
+def _evaluator_features(manifest):
+    import albef_ds
+    from albef_ds.eval.retrieval import encode_set, read_retrieval_set
+    from albef_ds.tokenizer import build_tokenizer
+
+    model = albef_ds.load_model(PRETRAINED, config="tiny")
+    data = read_retrieval_set(manifest, None, 30)
+    encoded = encode_set(model, data, build_tokenizer(model.cfg.text.tokenizer), 64, 16, batch_size=BATCH)
+    return data, encoded["image_feats"], encoded["text_feats"]
+
+
+@pytest.mark.slow
+def test_features_are_the_evaluators_and_the_same_files_from_one_and_two_ranks(tmp_path):
+    manifest = heldout_corpus(str(tmp_path / "corpus"))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, out, err = run_command(main, index_args(PRETRAINED, manifest, one))
+    assert code == 0, err
+    assert f"indexed {HELDOUT} images and {HELDOUT} captions" in out
+    assert run_ranks(_index_on_ranks, 2, index_args(PRETRAINED, manifest, two)) == [0, 0]
+    assert files_of(one) == files_of(two)                 # every byte; the parts are gone
+    assert not os.path.exists(os.path.join(one, "parts"))
+
+    data, image_feats, text_feats = _evaluator_features(manifest)
+    stored = np.load(os.path.join(one, "image_features.npy"))
+    assert stored.dtype == np.float16 and stored.shape == (HELDOUT, 64)
+    # the evaluator's features rounded to half precision, exactly; so within fp16's rounding of them
+    assert np.array_equal(stored, image_feats.half().numpy())
+    assert np.allclose(stored.astype(np.float32), image_feats.numpy(), rtol=1e-3, atol=1e-3)
+    assert np.allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1, atol=1e-3)
+    texts = np.load(os.path.join(one, "text_features.npy")).astype(np.float32)
+    assert np.allclose(texts, text_feats.numpy(), atol=1e-3)
+    rows = [json.loads(line) for line in open(os.path.join(one, "images.jsonl"))]
+    assert [r["name"] for r in rows] == data.names
+    assert [r["captions"] for r in rows] == data.captions
+    assert [json.loads(line)["text"] for line in open(os.path.join(one, "texts.jsonl"))] == data.texts
+    manifest_ = json.load(open(os.path.join(one, "index.json")))
+    assert manifest_["ann"]["images"] == {"kind": "exact"} and manifest_["counts"]["unreadable"] == 0
+    # a rerun finds the index whole and touches nothing
+    code, out, _ = run_command(main, index_args(PRETRAINED, manifest, one))
+    assert code == 0 and "already holds this index" in out and files_of(one) == files_of(two)
+
+
+def _index_then_die(argv, parts):
+    """The index command, killed (SIGKILL) right after it has written `parts` parts."""
+    from albef_ds.search import store
+
+    write_part = store.write_part
+    written = []
+
+    def write_then_maybe_die(*args):
+        write_part(*args)
+        written.append(1)
+        if len(written) == parts:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    store.write_part = write_then_maybe_die
+    torch.set_num_threads(1)
+    main(argv)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_encodes_only_the_missing_parts_and_gives_the_same_files(tmp_path):
+    import multiprocessing
+
+    manifest = heldout_corpus(str(tmp_path / "corpus"))
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    assert run_command(main, index_args(PRETRAINED, manifest, whole))[0] == 0
+    process = multiprocessing.get_context("spawn").Process(target=_index_then_die,
+                                                            args=(index_args(PRETRAINED, manifest, resumed), 1))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(resumed, "index.json"))
+    assert sorted(n for n in os.listdir(os.path.join(resumed, "parts")) if not n.startswith(".")) == \
+        ["000000.json", "000000.npz", "plan.json"]
+    code, out, err = run_command(main, index_args(PRETRAINED, manifest, resumed))
+    assert code == 0, err
+    assert "1 of 3 parts already written, 2 to go" in out
+    assert [line.split("(")[1].split(")")[0] for line in out.splitlines() if " done: " in line] == \
+        ["heldout-00001.tar", "heldout-00002.tar"]
+    assert files_of(resumed) == files_of(whole)
+
+
+def test_unreadable_images_are_counted_and_listed_and_the_rest_indexed(tmp_path):
+    from PIL import Image
+
+    import albef_ds
+    from albef_ds.data.transforms import EvalTransform
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    colours = {"a.png": (200, 30, 30), "b.jpg": (30, 200, 30), "sub/c.png": (30, 30, 200)}
+    for name, colour in colours.items():
+        Image.new("RGB", (40, 30), colour).save(photos / name)
+    (photos / "a.txt").write_text("a red picture\n")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (photos / "notes.md").write_text("not an image: not indexed")
+    code, out, err = run_command(main, index_args(PRETRAINED, str(photos), str(tmp_path / "index"),
+                                                  "--part_size", str(BATCH)))
+    assert code == 0, err
+    assert "indexed 3 images and 1 captions" in out and "1 unreadable" in out
+    rows = [json.loads(line) for line in open(tmp_path / "index" / "images.jsonl")]
+    assert [r["name"] for r in rows] == ["a.png", "b.jpg", "sub/c.png"]
+    assert rows[0]["captions"] == ["a red picture"] and rows[1]["captions"] == []
+    unreadable = [json.loads(line) for line in open(tmp_path / "index" / "unreadable.jsonl")]
+    assert [u["name"] for u in unreadable] == ["broken.png"] and unreadable[0]["error"]
+    model = albef_ds.load_model(PRETRAINED, config="tiny")
+    pixels = torch.stack([EvalTransform(64)(Image.open(photos / n).convert("RGB")) for n in colours])
+    with torch.no_grad():
+        direct = model.image_features(pixels).numpy()
+    assert np.allclose(np.load(tmp_path / "index" / "image_features.npy").astype(np.float32), direct, atol=1e-3)
+    # an annotation file: a missing image is listed too
+    ann = [{"image": "a.png", "caption": "red"}, {"image": "gone.png", "caption": ["x"]}, {"image": "a.png",
+                                                                                         "caption": "crimson"}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    code, out, err = run_command(main, index_args(PRETRAINED, str(tmp_path / "ann.json"), str(tmp_path / "ann"),
+                                                  "--image_root", str(photos)))
+    assert code == 0, err
+    assert [json.loads(line)["captions"] for line in open(tmp_path / "ann" / "images.jsonl")] == [["red", "crimson"]]
+    assert [json.loads(line)["name"] for line in open(tmp_path / "ann" / "unreadable.jsonl")] == ["gone.png"]
+
+
+def test_bad_input_stops_in_one_line_and_touches_no_file(tmp_path):
+    manifest = heldout_corpus(str(tmp_path / "corpus"))
+    index = str(tmp_path / "index")
+    assert run_command(main, index_args(PRETRAINED, manifest, index, "--part_size", str(BATCH)))[0] == 0
+    before = {n: os.stat(os.path.join(index, n)).st_mtime_ns for n in os.listdir(index)}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no image here")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "x.jpg").write_bytes(b"not a jpeg")
+    cases = {
+        "missing data": (index_args(PRETRAINED, str(tmp_path / "nowhere.json"), str(tmp_path / "o1")),
+                         "--data"),
+        "no image in the folder": (index_args(PRETRAINED, str(empty), str(tmp_path / "o2")), "no image"),
+        "no readable image": (index_args(PRETRAINED, str(garbage), str(tmp_path / "o3")), "could be read"),
+        "missing checkpoint": (index_args(str(tmp_path / "none.pt"), manifest, str(tmp_path / "o4")),
+                               "none.pt"),
+        "no ITM head": (["--checkpoint", vqa_checkpoint(str(tmp_path / "vqa.pt")), "--data", manifest,
+                         "--output_dir", str(tmp_path / "o5")], "holds a VQAModel, which has no ITM head"),
+        "another model's index": (index_args(other_albef(str(tmp_path / "other.pt")), manifest, index),
+                                  "another model"),
+        "a part size off the batch": (index_args(PRETRAINED, manifest, str(tmp_path / "o6"), "--part_size", "20"),
+                                      "--part_size 20"),
+    }
+    for case, (argv, named) in cases.items():
+        code, out, err = run_command(main, argv)
+        assert code == 2, case
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and named in err, (case, err)
+        assert "Traceback" not in err + out
+    assert {n: os.stat(os.path.join(index, n)).st_mtime_ns for n in os.listdir(index)} == before
+    for made in ("o1", "o2", "o4", "o5", "o6"):             # stopped before any work: no folder made
+        assert not os.path.exists(tmp_path / made), made

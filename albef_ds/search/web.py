@@ -103,7 +103,7 @@ def create_app(indexes: list, answerer=None, limits: Limits = Limits()) -> FastA
         if served is None:
             raise HTTPException(404, f"no index named {name!r}; this server has {', '.join(by_name)}")
         if served.problem:
-            raise HTTPException(409, f"index {served.name!r} cannot be searched: {served.problem}")
+            raise HTTPException(409, served.problem)
         return served
 
     def upload(image: UploadFile):

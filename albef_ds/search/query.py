@@ -97,6 +97,8 @@ class Searcher:
     def _image_logits(self, candidates: list, ids, mask, timings: dict) -> list:
         """ITM logits [match, no match] of the text with each candidate image (None: unreadable)."""
         logits: list = [None] * len(candidates)
+        if not candidates:
+            return logits
         read = vit = fusion = 0.0
         start = time.perf_counter()
         for batch, pixels in decoded_batches(candidates, self.img_size, self.batch_size, self.workers):

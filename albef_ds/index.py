@@ -29,7 +29,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="ALBEF-DS: index the images of a collection")
     ap.add_argument("--checkpoint", required=True, help="a training folder, a converted file or a released ALBEF "
                     "file, with an ITM head")
-    ap.add_argument("--data", required=True, help="shard pattern, annotation JSON, synthetic.json, or a folder of images")
+    ap.add_argument("--data", required=True, help="shard pattern, annotation JSON, synthetic.json, or a folder of "
+                    "images")
     ap.add_argument("--image_root", default=None, help="folder the annotation file's image paths are relative to")
     ap.add_argument("--output_dir", required=True, help="the index folder")
     ap.add_argument("--config", default=None, help="config to load the checkpoint into, whose data.max_tokens / "

@@ -141,6 +141,34 @@ def test_unreadable_images_are_counted_and_listed_and_the_rest_indexed(tmp_path)
     assert code == 0, err
     assert [json.loads(line)["captions"] for line in open(tmp_path / "ann" / "images.jsonl")] == [["red", "crimson"]]
     assert [json.loads(line)["name"] for line in open(tmp_path / "ann" / "unreadable.jsonl")] == ["gone.png"]
+    # shards: a sample without an image and a shard cut short are listed, what could be read is kept
+    from albef_ds.data.shards import write_shard
+
+    png = (photos / "a.png").read_bytes()
+    samples = [{"__key__": f"{i:03d}", "png": png, "json": json.dumps({"caption": f"red {i}",
+                                                                       "url": f"http://x/{i}"}).encode()}
+               for i in range(4)]
+    samples.insert(1, {"__key__": "no_image", "txt": b"a caption alone"})
+    write_shard(str(tmp_path / "s-0.tar"), samples)
+    whole = (tmp_path / "s-0.tar").read_bytes()
+    (tmp_path / "s-1.tar").write_bytes(whole[:len(whole) * 2 // 3])
+    code, out, err = run_command(main, index_args(PRETRAINED, str(tmp_path / "s-{0..1}.tar"), str(tmp_path / "shards")))
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "shards" / "images.jsonl")]
+    assert [r["name"] for r in rows][:4] == [f"s-0.tar/{i:03d}" for i in range(4)]
+    assert rows[3]["url"] == "http://x/3" and rows[3]["source"]["size"] == len(png)
+    assert whole[rows[3]["source"]["offset"]:][:len(png)] == png
+    problems = {json.loads(line)["name"]: json.loads(line)["error"] for line in open(tmp_path / "shards" /
+                                                                                       "unreadable.jsonl")}
+    assert "s-0.tar/no_image" in problems and "s-1.tar/no_image" in problems
+    assert problems["s-1.tar"].startswith("shard read to sample") and 4 < len(rows) < 8
+    # cut right before a member's header, which tarfile alone takes for the end of the archive
+    (tmp_path / "s-2.tar").write_bytes(whole[:rows[3]["source"]["offset"] - 512])
+    code, _, err = run_command(main, index_args(PRETRAINED, str(tmp_path / "s-2.tar"), str(tmp_path / "cut")))
+    assert code == 0, err
+    problems = {json.loads(line)["name"]: json.loads(line)["error"] for line in open(tmp_path / "cut" /
+                                                                                       "unreadable.jsonl")}
+    assert "truncated" in problems["s-2.tar"]
 
 
 def test_bad_input_stops_in_one_line_and_touches_no_file(tmp_path):

@@ -99,10 +99,10 @@ def _join(output_dir: str, plan: dict, checkpoint: dict, parts: int, dim: int) -
 
     counts = store.merge_parts(output_dir, parts, dim)
     if counts["images"] == 0:
-        raise ConfigError(f"no image of {plan['data']['sources'][0]}"
-                          + (f" (and {len(plan['data']['sources']) - 1} more)" if len(plan["data"]["sources"]) > 1 else "")
-                          + f" could be read: {counts['unreadable']} unreadable, listed in "
-                          f"{os.path.join(output_dir, store.UNREADABLE)}")
+        sources = plan["data"]["sources"]
+        more = f" (and {len(sources) - 1} more)" if len(sources) > 1 else ""
+        raise ConfigError(f"no image of {sources[0]}{more} could be read: {counts['unreadable']} unreadable, "
+                          f"listed in {os.path.join(output_dir, store.UNREADABLE)}")
     specs = {}
     for what, features_file, ann_file, count in (("images", store.IMAGE_FEATURES, store.IMAGE_ANN, counts["images"]),
                                                  ("texts", store.TEXT_FEATURES, store.TEXT_ANN, counts["texts"])):

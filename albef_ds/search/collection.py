@@ -168,6 +168,9 @@ def part_rows(part: Part) -> tuple[list[dict], list[dict]]:
                 data = tar.extractfile(info).read()
                 sample[ext] = (data, info.offset_data) if ext in IMAGE_KEYS else data
                 tar.members = []            # a shard of 10,000 samples need not keep its headers
+            # a whole tar ends in two zero blocks; tarfile takes a cut-off header for the end
+            if os.path.getsize(part.shard) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("the file ends inside a member (truncated?)")
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append({"name": os.path.basename(part.shard), "error": f"shard read to sample {len(rows)} "
                          f"only: {type(exc).__name__}: {exc}"})

@@ -15,6 +15,7 @@ the same bytes from 1 or N ranks, from one run or a resumed one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -50,14 +51,6 @@ def model_identity(model) -> str:
 
 def _write_json(path: str, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
-
-
-def _write_npy(path: str, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
 
 
 # ---- parts: the work in progress ---------------------------------------------------------------
@@ -104,41 +97,50 @@ def read_manifest(output_dir: str) -> Optional[dict]:
 
 # ---- the whole index ---------------------------------------------------------------------------
 
-def _write_jsonl(path: str, records) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-
-    atomic_write(path, write)
+def _json_line(record) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def merge_parts(output_dir: str, count: int, dim: int) -> dict:
-    """The parts 0..count-1 joined into the index's feature and row files, in part order; returns
-    the counts {"images", "texts", "unreadable"}."""
-    metas = [json.loads(Path(part_paths(output_dir, n)[1]).read_text()) for n in range(count)]
-    images = sum(len(m["rows"]) for m in metas)
-    texts = sum(len(m["texts"]) for m in metas)
+    """The parts 0..count-1 joined into the index's feature and row files, in part order, one part
+    in memory at a time; returns the counts {"images", "texts", "unreadable"}."""
+    def part(n: int) -> dict:
+        return json.loads(Path(part_paths(output_dir, n)[1]).read_text())
+
+    sizes = [(len(m["rows"]), len(m["texts"])) for m in map(part, range(count))]
+    images, texts = (sum(s[0] for s in sizes), sum(s[1] for s in sizes))
     for name, key, total in ((IMAGE_FEATURES, "image_features", images), (TEXT_FEATURES, "text_features", texts)):
         def write(tmp, key=key, total=total):
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
             start = 0
             for n in range(count):
-                with np.load(part_paths(output_dir, n)[0]) as part:
-                    block = part[key]
+                with np.load(part_paths(output_dir, n)[0]) as arrays:
+                    block = arrays[key]
                 out[start:start + len(block)] = block
                 start += len(block)
             out.flush()
             del out
 
         atomic_write(os.path.join(output_dir, name), write)
-    _write_jsonl(os.path.join(output_dir, IMAGE_ROWS), (row for m in metas for row in m["rows"]))
-    offsets = np.cumsum([0] + [len(m["rows"]) for m in metas])
-    _write_jsonl(os.path.join(output_dir, TEXT_ROWS), ({"row": int(offsets[n] + t["row"]), "text": t["text"]}
-                                                      for n, m in enumerate(metas) for t in m["texts"]))
-    unreadable = [u for m in metas for u in m["unreadable"]]
-    _write_jsonl(os.path.join(output_dir, UNREADABLE), unreadable)
-    return {"images": images, "texts": texts, "unreadable": len(unreadable)}
+    unreadable = 0
+
+    def write_rows(rows_tmp, texts_tmp, unreadable_tmp):
+        nonlocal unreadable
+        with open(rows_tmp, "w", encoding="utf-8") as rows, open(texts_tmp, "w", encoding="utf-8") as text_rows, \
+                open(unreadable_tmp, "w", encoding="utf-8") as failures:
+            first = 0
+            for n in range(count):
+                meta = part(n)
+                rows.writelines(map(_json_line, meta["rows"]))
+                text_rows.writelines(_json_line({"row": first + t["row"], "text": t["text"]}) for t in meta["texts"])
+                failures.writelines(map(_json_line, meta["unreadable"]))
+                first += len(meta["rows"])
+                unreadable += len(meta["unreadable"])
+
+    path = functools.partial(os.path.join, output_dir)
+    atomic_write(path(IMAGE_ROWS), lambda r: atomic_write(path(TEXT_ROWS), lambda t: atomic_write(
+        path(UNREADABLE), lambda u: write_rows(r, t, u))))
+    return {"images": images, "texts": texts, "unreadable": unreadable}
 
 
 def finish(output_dir: str, manifest: dict) -> None:

@@ -78,6 +78,11 @@ def _media_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
+def _public(hits: list) -> list[dict]:
+    """Hits as the API gives them: without where the image is stored on the server."""
+    return [{k: v for k, v in dataclasses.asdict(h).items() if k != "source"} for h in hits]
+
+
 def _png_url(picture) -> str:
     out = io.BytesIO()
     picture.save(out, format="PNG")
@@ -138,9 +143,8 @@ def create_app(indexes: list, answerer=None, limits: Limits = Limits()) -> FastA
                 result = served.searcher.images_for_text(request.text, request.k, rerank)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        hits = [{k: v for k, v in dataclasses.asdict(h).items() if k != "source"} for h in result.hits]
-        return {"index": served.name, "query": result.query, "hits": hits, "reranked": result.reranked,
-                "timings": result.timings}
+        return {"index": served.name, "query": result.query, "hits": _public(result.hits),
+                "reranked": result.reranked, "timings": result.timings}
 
     @app.get("/api/images/{index}/{row}")
     def image(index: str, row: int) -> Response:
@@ -204,7 +208,7 @@ def create_app(indexes: list, answerer=None, limits: Limits = Limits()) -> FastA
         with model_lock:
             result = served.searcher.texts_for_image(picture, k, limits.rerank if rerank is None else rerank,
                                                      image.filename or "(upload)")
-        hits = [{k_: v for k_, v in dataclasses.asdict(h).items() if k_ != "source"} for h in result.hits]
-        return {"index": served.name, "hits": hits, "reranked": result.reranked, "timings": result.timings}
+        return {"index": served.name, "hits": _public(result.hits), "reranked": result.reranked,
+                "timings": result.timings}
 
     return app

@@ -193,6 +193,7 @@ def test_bad_input_stops_in_one_line_and_touches_no_file(tmp_path):
                          "--output_dir", str(tmp_path / "o5")], "holds a VQAModel, which has no ITM head"),
         "another model's index": (index_args(other_albef(str(tmp_path / "other.pt")), manifest, index),
                                   "another model"),
+        "a folder of something else": (index_args(PRETRAINED, manifest, str(garbage)), "not empty"),
         "a part size off the batch": (index_args(PRETRAINED, manifest, str(tmp_path / "o6"), "--part_size", "20"),
                                       "--part_size 20"),
     }
@@ -202,5 +203,6 @@ def test_bad_input_stops_in_one_line_and_touches_no_file(tmp_path):
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and named in err, (case, err)
         assert "Traceback" not in err + out
     assert {n: os.stat(os.path.join(index, n)).st_mtime_ns for n in os.listdir(index)} == before
+    assert os.listdir(garbage) == ["x.jpg"]
     for made in ("o1", "o2", "o4", "o5", "o6"):             # stopped before any work: no folder made
         assert not os.path.exists(tmp_path / made), made

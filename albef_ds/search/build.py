@@ -39,7 +39,7 @@ def _differences(old: dict, new: dict) -> str:
 def check_output(output_dir: str, plan: dict) -> str:
     """What to do in output_dir: "new", "resume" (parts of this plan are there) or "done" (an index
     of this plan is there). ValueError when it holds another index, unfinished work of another
-    plan, or cannot be written to; nothing is touched."""
+    plan, files of something else, or cannot be written to; nothing is touched."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError("exists and is not a folder")
     manifest = store.read_manifest(output_dir)
@@ -49,6 +49,8 @@ def check_output(output_dir: str, plan: dict) -> str:
                              "choose another --output_dir, or remove that index")
         return "done"
     old = store.read_plan(output_dir)
+    if old is None and os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError("is not empty and holds no index: choose a new or empty folder")
     if old is not None and old != plan:
         raise ValueError(f"holds an unfinished index made otherwise: {_differences(old, plan)}; rerun it with "
                          "its own settings to finish it, or choose another --output_dir")
@@ -67,9 +69,10 @@ def build_index(model, collection: Collection, tokenizer, output_dir: str, plan:
     rank, world = dist.rank(), dist.world_size()
     done = store.done_parts(output_dir)
     missing = [p for p in collection.parts if p.number not in done]
+    if rank == 0:                          # before any part: parts never lie in a folder without their plan
+        store.write_plan(output_dir, plan)
     dist.barrier()                         # every rank knows what is missing before a part is written
     if rank == 0:
-        store.write_plan(output_dir, plan)
         if done:
             print(f"index {output_dir}: {len(done)} of {len(collection.parts)} parts already written, "
                   f"{len(missing)} to go", flush=True)

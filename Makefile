@@ -25,14 +25,24 @@ $(STAMP): setup.py
 	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 
-.PHONY: install demo test test-fast tiny-pretrained tiny-pretrained-positions
+.PHONY: install demo test test-fast tiny-pretrained tiny-pretrained-positions browser
 install: $(STAMP)
+
+# The search page's tests drive a real headless Chromium (Debian's packages), installed when missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "make: the page tests need chromium and chromedriver: apt-get install chromium chromium-driver (as root)" >&2; \
+			exit 1; \
+		fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 # The built-in demo: tiny ALBEF on a generated corpus, 2 CPU ranks under the deepspeed launcher.
 demo: $(STAMP)
 	deepspeed --num_gpus 2 albef_ds/demo.py --deepspeed ds_configs/zero2.json
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 # Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): about a minute.

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="ALBEF vision-language pretraining at cluster scale with DeepSpeed ZeRO",
     packages=find_packages(include=["albef_ds", "albef_ds.*"]),
-    package_data={"albef_ds": ["configs/*.yaml", "configs/*.txt"]},
+    package_data={"albef_ds": ["configs/*.yaml", "configs/*.txt", "search/*.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -20,6 +20,12 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6.0",
         "safetensors>=0.4",
+        # the search commands: nearest-neighbour index, the web page and its uploads
+        "faiss-cpu>=1.8",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # the page's tests drive Debian's chromium + chromedriver (the Makefile installs them)
+    extras_require={"test": ["pytest>=8", "selenium>=4.20", "httpx>=0.27"]},
 )

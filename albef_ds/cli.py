@@ -3,6 +3,7 @@ value, printed once (rank 0), exit status 2, no traceback (unexpected errors kee
 process group a command runs in; the text lengths of evaluation commands."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
@@ -34,6 +35,37 @@ def run_in_process_group(command: Callable[[], int]) -> int:
     finally:
         if started:
             distributed.shutdown()
+
+
+def check_writable_folder(path: str, option: str) -> None:
+    """ConfigError naming `option` unless `path` is, or can be made, a folder this process can write
+    into; creates nothing (a command checks its output before it loads a model)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable")
+
+
+def check_writable_file(path: str, option: str) -> None:
+    """ConfigError naming `option` unless a file can be written at `path` (its folder checked as
+    check_writable_folder does; a folder or an unwritable file in its place refused)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a folder, not a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path} is not writable")
+    check_writable_folder(os.path.dirname(path), option)
+
+
+def check_at_least(values: dict, least: int) -> None:
+    """ConfigError naming the first option whose number is below `least` ({option: value})."""
+    for option, value in values.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{option} is {value}: it must be at least {least}")
 
 
 def eval_text_lengths(config: Optional[str], model) -> tuple[int, int]:

@@ -88,11 +88,11 @@ class ModelConfig:
 @dataclass
 class CorpusConfig:
     name: str = ""
-    shards: list = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
     samples: int = 0
     weight: Optional[float] = None
     # instead of shards: ALBEF annotation files read directly, images under image_root
-    annotations: list = field(default_factory=list)
+    annotations: list[str] = field(default_factory=list)
     image_root: str = ""
 
 
@@ -108,7 +108,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    corpora: list = field(default_factory=list)
+    corpora: list[CorpusConfig] = field(default_factory=list)
     synthetic: Optional[SyntheticConfig] = None
     epoch_samples: int = 0           # samples per epoch over all ranks; 0: sum of corpus sizes
     workers: int = 2
@@ -122,7 +122,7 @@ class DataConfig:
     augment: bool = True
     # RandomResizedCrop's area fraction: ALBEF pretrains with (0.2, 1) and fine-tunes with (0.5, 1);
     # null: resize the whole image (the grounding recipe, whose boxes must stay where they are)
-    crop_scale: Optional[list] = field(default_factory=lambda: [0.2, 1.0])
+    crop_scale: Optional[list[float]] = field(default_factory=lambda: [0.2, 1.0])
 
 
 @dataclass
@@ -161,12 +161,15 @@ class EvalConfig:
     """The task's evaluation: after every `every_epochs` epochs of training (0: never) and by
     albef_ds.evaluate. `data`: the task's evaluation file (ALBEF's JSON, with image_root) or shard
     patterns; empty: the held-out split of the generated corpus when there is one."""
-    data: list = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
     image_root: str = ""
     k_test: int = 128                # candidates re-ranked per query (retrieval, VQA answers)
     batch_size: int = 64
     every_epochs: int = 0
     select_metric: str = ""          # the checkpoint kept as `best`; empty: the task's choice
+    # the share of an evaluation set's items that may be left out (unreadable images, empty texts)
+    # before the evaluation is refused: 0, none (a metric over what is left is not the set's)
+    max_skipped: float = 0.0
 
 
 # The least value each number may take; a value below stops the run before anything is built
@@ -179,7 +182,7 @@ MINIMUMS = {
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
     "train.max_bad_steps": 1, "train.max_micro_batch": 0,
-    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0,
+    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0, "eval.max_skipped": 0.0,
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -218,49 +221,64 @@ def build_section(cls, values: Any, where: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        if key not in names or (cls is Config and key == "options"):
+            known = sorted(names - {"options"}) if cls is Config else sorted(names)
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(known)}"
+                              + (", and the section named after the task" if cls is Config else "") + ")")
         kwargs[key] = _convert(hints[key], value, path)
     return cls(**kwargs)
 
 
 def _convert(hint, value, path):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    """`value` as the type `hint` says (ints are numbers where a float is expected; a string is a
+    one-item list where a list of strings is expected; yaml reads 3e-4 as a string), else a
+    ConfigError naming the key, the value and what was expected."""
     if dataclasses.is_dataclass(hint):
         return build_section(hint, value, path)
     if hint is Any:
         return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if dataclasses.is_dataclass(arg):
-                return build_section(arg, value, path)
-        if float in args and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        for arg in args:
-            if arg is not type(None) and isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
-                return value
-        raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint}")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # yaml reads 3e-4 (no decimal point) as a string
+        for arg in (a for a in args if a is not type(None)):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return build_section(arg, value, path)          # its own error names the key inside
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{path}' has value {value!r}: expected {_expected(hint)}")
+    if hint is float and not isinstance(value, bool):
         try:
-            return float(value)
+            if isinstance(value, (int, float, str)):
+                return float(value)
         except ValueError:
-            raise ConfigError(f"config key '{path}' has value {value!r}, expected float") from None
-    if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"config key '{path}' has value {value!r}, expected {hint.__name__}")
-    if hint is list:
-        if isinstance(value, str):
+            pass
+    elif origin is list or hint is list:
+        item = args[0] if args else Any
+        if isinstance(value, str) and item in (str, Any):
             return [value]                # one shard pattern, annotation file or eval file
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{path}' has value {value!r}, expected a list")
-    if path.endswith("corpora"):
-        return [build_section(CorpusConfig, c, f"{path}[{i}]") for i, c in enumerate(value)]
-    return value
+        if isinstance(value, list):
+            return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{path}' has value {value!r}: expected {_expected(hint)}")
+
+
+def _expected(hint) -> str:
+    """What a type hint asks for, in words."""
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    if hint in words:
+        return words[hint]
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _expected(a) for a in args)
+    if origin is list or hint is list:
+        return f"a list of {_expected(args[0]).split(' ', 1)[1]}s" if args and args[0] in words else "a list"
+    return str(hint)
 
 
 def resolve_config_path(name: str) -> Path:
@@ -359,6 +377,8 @@ def _check_ranges(config: Config) -> None:
     for key in ABOVE_ZERO:
         if not value(key) > 0:
             raise ConfigError(f"{key} is {value(key)}: it must be above 0")
+    if config.eval.max_skipped > 1:
+        raise ConfigError(f"eval.max_skipped is {config.eval.max_skipped}: it is a share of the set, at most 1")
     if not config.train.epochs and not config.train.max_steps:
         raise ConfigError("train.epochs and train.max_steps are both 0: nothing to train")
     scale = config.data.crop_scale

@@ -24,6 +24,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order: [obj] in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

@@ -24,7 +24,8 @@ def build_model(config: Union[str, dict, Config, ModelConfig] = "tiny") -> nn.Mo
 
 
 def load_model(path: str, config=None, device: Union[str, torch.device] = "cpu",
-               tag: Optional[str] = None, trusted: bool = False) -> nn.Module:
+               tag: Optional[str] = None, trusted: bool = False, allow_untrained_head: bool = False) -> nn.Module:
     """The inference model (albef_ds.models) of a converted file, a released ALBEF file or a
     training folder, in eval mode on `device` (see albef_ds.checkpoint.loading.load_inference_model)."""
-    return load_inference_model(path, config=config, device=device, tag=tag, trusted=trusted)
+    return load_inference_model(path, config=config, device=device, tag=tag, trusted=trusted,
+                                allow_untrained_head=allow_untrained_head)

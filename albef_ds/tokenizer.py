@@ -12,7 +12,7 @@ from transformers import BertTokenizerFast
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-_DELETED = re.compile(r"[,.'!?\"()*#:;~]")      # deleted, not replaced: "man's" -> "mans"
+DELETED_CHARACTERS = re.compile(r"[,.'!?\"()*#:;~]")      # deleted, not replaced: "man's" -> "mans"
 _SPACE_RUNS = re.compile(r"\s{2,}")
 
 
@@ -20,7 +20,7 @@ def clean_caption(caption: str, max_words: int = 30) -> str:
     """ALBEF's caption normalisation: lower-case; `,.'!?"()*#:;~` deleted; `-` and `/` become
     spaces, `<person>` "person"; runs of spaces collapsed; at most `max_words` words. Every
     other symbol stays (the tokenizer splits it off)."""
-    text = _DELETED.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = DELETED_CHARACTERS.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
     words = _SPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ").split(" ")
     return " ".join(words[:max_words])
 

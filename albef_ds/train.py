@@ -25,7 +25,10 @@ def parse_args(argv=None, config_help: str = "project config: a yaml path or a s
     ap.add_argument("--output_dir", default=None, help="default: train.output_dir of the config")
     ap.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     ap.add_argument("--resume", nargs="?", const="", default=None, metavar="TAG",
-                    help="resume from TAG, or with no TAG from the latest checkpoint if there is one")
+                    help="resume from TAG, or with no TAG from the latest checkpoint if there is one "
+                    "(a checkpoint that fails its check: the newest older one that passes)")
+    ap.add_argument("--start_over", action="store_true", help="start afresh in an output folder that holds "
+                    "another run's checkpoints: its files are moved aside (previous-<time>/), not deleted")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # deepspeed launcher
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return ap.parse_args(argv)
@@ -46,7 +49,7 @@ def output_dir_of(args, cfg: Config) -> str:
 def start(cfg: Config, args) -> Trainer:
     """The Trainer of a command line's run (every start-up check passed), announced on rank 0."""
     output_dir = output_dir_of(args, cfg)
-    trainer = Trainer(cfg, args.deepspeed, output_dir, resume=args.resume)
+    trainer = Trainer(cfg, args.deepspeed, output_dir, resume=args.resume, start_over=args.start_over)
     if dist.rank() == 0:
         print(f"training {cfg.task}: {trainer.total_steps} steps, global batch "
               f"{cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()} on {dist.world_size()} "

@@ -16,7 +16,7 @@ import os
 import sys
 
 from albef_ds.checkpoint.files import DTYPES, FORMAT, RELEASED, convert
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import INPUT_ERRORS, check_writable_file, report_input_error
 from albef_ds.config import ConfigError, load_config
 
 
@@ -41,19 +41,27 @@ def parse_args(argv=None):
                         "only files from a source you trust")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for --config, e.g. model.vision.img_size=384")
+    p.add_argument("--allow_untrained_head", action="store_true",
+                   help="write a checkpoint of another task (pretraining) as this config's task although "
+                        "its head was never trained")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if os.path.realpath(args.input) == os.path.realpath(args.output):
+            raise ConfigError(f"--input and --output are the same file ({args.output}): write the conversion "
+                              "elsewhere (the input is read whole before anything is written, but then replaced)")
+        check_writable_file(args.output, "--output")
         config = None
         if args.config or args.set:
             if not args.config:
                 raise ConfigError("--set needs --config (the config it overrides)")
             config = load_config(args.config, args.set)
         ckpt = convert(args.input, args.output, to=args.to, tag=args.tag, momentum=not args.no_momentum,
-                       dtype=args.dtype, config=config, trusted=args.trust_checkpoint)
+                       dtype=args.dtype, config=config, trusted=args.trust_checkpoint,
+                       allow_untrained_head=args.allow_untrained_head)
     except INPUT_ERRORS as exc:
         return report_input_error(exc)
     for line in ckpt.report.lines():

@@ -17,32 +17,28 @@ import json
 import os
 import sys
 
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import INPUT_ERRORS, check_at_least, check_writable_folder, report_input_error
 from albef_ds.config import ConfigError
-from albef_ds.data.shards import make_shards
-from albef_ds.data.vqa import TRAIN_KEYS, check_entries, make_question_shards
+from albef_ds.data.annotations import CAPTIONS, VQA_TRAIN, check_entries
+from albef_ds.data.shards import make_shards, read_annotations
+from albef_ds.data.vqa import make_question_shards
 
 
-def read_annotations(paths: list[str], image_root: str, keys: tuple | None = None) -> list:
-    """The entries of every annotation file; a file that cannot be read, or an image root that is
-    not a folder, is a ConfigError naming it. With `keys` (VQA files), an entry that is not a dict
-    with every key is a ConfigError naming the file, the entry and the key."""
+def read_entries(paths: list[str], image_root: str, schema: dict) -> list:
+    """The entries of every annotation file, each checked against `schema`; a file that cannot be
+    read, a wrong entry, or an image root that is not a folder is a ConfigError naming it."""
     if not os.path.isdir(image_root):
         raise ConfigError(f"--image-root {image_root} is not a folder")
     annotations = []
     for path in paths:
         try:
-            with open(path) as f:
-                entries = json.load(f)
+            entries = read_annotations(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read annotation file {path}: {exc}") from None
-        if not isinstance(entries, list):
-            raise ConfigError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
-        if keys is not None:
-            try:
-                check_entries(entries, path, keys)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        try:
+            check_entries(entries, path, schema)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         annotations += entries
     return annotations
 
@@ -58,7 +54,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vqa", action="store_true", help="VQA files: one sample per question")
     args = parser.parse_args(argv)
     try:
-        annotations = read_annotations(args.ann, args.image_root, TRAIN_KEYS if args.vqa else None)
+        check_at_least({"--max-samples": args.max_samples, "--workers": args.workers}, 1)
+        if not args.prefix or os.sep in args.prefix:
+            raise ConfigError(f"--prefix {args.prefix!r} must be a file-name part (no {os.sep})")
+        check_writable_folder(args.out, "--out")
+        taken = sorted(n for n in os.listdir(args.out) if n.startswith(f"{args.prefix}-") and n.endswith(".tar")) \
+            if os.path.isdir(args.out) else []
+        if taken:
+            raise ConfigError(f"--out {args.out} already holds {len(taken)} '{args.prefix}' shards ({taken[0]}, ...): "
+                              "choose another --out or --prefix (nothing is overwritten)")
+        annotations = read_entries(args.ann, args.image_root, VQA_TRAIN if args.vqa else CAPTIONS)
         if not annotations:
             raise ConfigError(f"--ann {' '.join(args.ann)}: the annotation files list no "
                               f"{'questions' if args.vqa else 'entries'}")

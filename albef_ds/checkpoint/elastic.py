@@ -28,39 +28,72 @@ from .. import distributed
 from ..config import Config, ConfigError, load_config
 from ..fileio import torch_load
 from .layout import model_layout
-from .training import merge_momentum, rank_file, read_run_info
+from .manifest import has_manifest, verify
+from .training import RUN_FORMAT, merge_momentum, rank_file, read_run_info, tags
 
 UNIVERSAL = "universal"
 
 
 @dataclass
 class ResumePlan:
-    """A checked resume: the tag, the number of ranks that saved it, and what changed."""
+    """A checked resume: the tag, the number of ranks that saved it, and what changed; `damaged`:
+    the newer tags that failed their check, {tag: what is wrong}."""
     tag: str
     saved_world: int
     elastic: bool
     notes: list = field(default_factory=list)
+    damaged: dict = field(default_factory=dict)
 
 
-def check_resumable(ckpt_dir: str, tag: str, cfg: Config, world: int) -> tuple[ResumePlan, Config]:
-    """Before anything is built: the tag exists, is complete, holds this task's model of this
-    shape; on another number of ranks than saved it, the batch is planned (plan_batch). Returns the
-    plan and the config to run with."""
+def tag_problems(ckpt_dir: str, tag: str) -> list[str]:
+    """What keeps a tag from being resumed (empty: nothing): a missing run.json, rank file or model
+    states, and every file that does not match the manifest (a tag saved before manifests existed
+    is checked for completeness only). Each problem names the file. A collective: the checksums
+    are split over the ranks."""
     folder = os.path.join(ckpt_dir, tag)
-    if not os.path.isdir(folder):
-        there = ", ".join(sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))
-                          if os.path.isdir(ckpt_dir) else []) or "none"
-        raise ConfigError(f"no checkpoint '{tag}' to resume in {ckpt_dir} (there: {there})")
-    info = read_run_info(ckpt_dir, tag)
-    saved_world = int(info["world_size"])
-    missing = [rank_file(folder, r) for r in range(saved_world) if not os.path.isfile(rank_file(folder, r))]
+    try:
+        info = read_run_info(ckpt_dir, tag)
+        saved_world = int(info["world_size"])
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        return [str(exc)]
+    problems = [f"{rank_file(folder, r)}: missing" for r in range(saved_world)
+                if not os.path.isfile(rank_file(folder, r))]
     states = [os.path.join(folder, n) for n in ("mp_rank_00_model_states.pt",
                                                "zero_pp_rank_0_mp_rank_00_model_states.pt")]
     if not any(os.path.isfile(p) for p in states):
-        missing.append(" or ".join(states))
-    if missing:
-        raise ConfigError(f"checkpoint {folder} (saved by {saved_world} ranks) is incomplete: missing "
-                          f"{', '.join(missing)}")
+        problems.append(f"{' or '.join(states)}: missing")
+    if has_manifest(folder):
+        problems += verify(folder)
+    elif info.get("format", 1) >= RUN_FORMAT:
+        problems.append(f"{os.path.join(folder, 'manifest.json')}: missing (the save did not finish)")
+    return problems
+
+
+def choose_tag(ckpt_dir: str, tag: str) -> tuple[str, dict]:
+    """The tag to resume: `tag` if it passes its check, else the newest older tag that does, with
+    {tag: problems} of those that failed. ConfigError naming the files when none passes."""
+    folder = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"no checkpoint '{tag}' to resume in {ckpt_dir} (there: {', '.join(tags(ckpt_dir)) or 'none'})")
+    damaged = {}
+    for candidate in [tag] + sorted((t for t in tags(ckpt_dir) if t < tag), reverse=True):
+        problems = tag_problems(ckpt_dir, candidate)
+        if not problems:
+            return candidate, damaged
+        damaged[candidate] = problems
+    raise ConfigError(f"no checkpoint in {ckpt_dir} passes its check: "
+                      + "; ".join(f"{t}: {', '.join(p[:2])}" for t, p in damaged.items()))
+
+
+def check_resumable(ckpt_dir: str, tag: str, cfg: Config, world: int) -> tuple[ResumePlan, Config]:
+    """Before anything is built: the tag (or, if it fails its check, the newest older tag that
+    passes) is complete, matches its manifest and holds this task's model of this shape; on another
+    number of ranks than saved it, the batch is planned (plan_batch). Returns the plan and the
+    config to run with."""
+    tag, damaged = choose_tag(ckpt_dir, tag)
+    folder = os.path.join(ckpt_dir, tag)
+    info = read_run_info(ckpt_dir, tag)
+    saved_world = int(info["world_size"])
     saved = load_config(info["config"])
     if saved.task != cfg.task:
         raise ConfigError(f"checkpoint {folder} is of task '{saved.task}', this run trains '{cfg.task}'")
@@ -70,7 +103,7 @@ def check_resumable(ckpt_dir: str, tag: str, cfg: Config, world: int) -> tuple[R
         raise ConfigError(f"checkpoint {folder} holds another model: {differ[0]} is "
                           f"{tuple(theirs[differ[0]]) if differ[0] in theirs else 'absent'} there and "
                           f"{tuple(ours[differ[0]]) if differ[0] in ours else 'absent'} in this config")
-    plan = ResumePlan(tag, saved_world, saved_world != world)
+    plan = ResumePlan(tag, saved_world, saved_world != world, damaged=damaged)
     if plan.elastic:
         micro, accum, plan.notes = plan_batch(cfg, info, world)
         if (micro, accum) != (cfg.train.batch_size, cfg.train.grad_accum):

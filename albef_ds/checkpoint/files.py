@@ -46,6 +46,7 @@ class Checkpoint:
     source: str               # what was read (path, tag)
     report: Report = field(default_factory=Report)
     fresh: tuple = ()         # key prefixes the config's task starts afresh (new heads)
+    source_task: str = ""     # the task of the checkpoint read (the config's may differ)
 
 
 def architecture_config(cfg: Config) -> Config:
@@ -97,7 +98,20 @@ def read_checkpoint(path: str, tag: Optional[str] = None, config=None, trusted: 
         state, fresh = task.initial_state(state, stored.task), task.fresh_parts
     state, report = conform(state, cfg, source, fresh=fresh)
     return Checkpoint(state_dict=state, config=architecture_config(cfg), kind=kind, source=source, report=report,
-                      fresh=fresh)
+                      fresh=fresh, source_task=stored.task)
+
+
+def check_trained_head(ckpt: Checkpoint, path: str, allow_untrained_head: bool, option: str) -> None:
+    """ConversionError when the config's task has parts only its own checkpoints train and `ckpt`
+    is another task's (a pretraining file read as NLVR2, VQA...): its results would come from a
+    head that never learned the task."""
+    task = get_task(ckpt.config)
+    if ckpt.source_task == task.name or not task.fine_tuned_parts or allow_untrained_head:
+        return
+    parts = ", ".join(p.rstrip(".") for p in task.fine_tuned_parts)
+    raise ConversionError(f"{path} is a {ckpt.source_task} checkpoint: its {task.name} head ({parts}) was never "
+                          f"trained, so its results would mean nothing; fine-tune it first (train.py --config "
+                          f"{task.name}.yaml model.init_checkpoint={path}), or {option} to use it anyway")
 
 
 def _read_file(path: str, trusted: bool):
@@ -193,7 +207,7 @@ def save_released(path: str, state: dict, config: Config, layout: Layout) -> Non
 
 
 def convert(input: str, output: str, to: str = FORMAT, tag: Optional[str] = None, momentum: bool = True,
-            dtype: str = "fp32", config=None, trusted: bool = False) -> Checkpoint:
+            dtype: str = "fp32", config=None, trusted: bool = False, allow_untrained_head: bool = False) -> Checkpoint:
     """Reads any source and writes `output` in our format (to="albef_ds") or the released layout
     (to="albef"). Every check runs before anything is written; the output appears whole or not at
     all. Returns the Checkpoint that was written (its state dict before dropping and casting)."""
@@ -203,6 +217,7 @@ def convert(input: str, output: str, to: str = FORMAT, tag: Optional[str] = None
     if to == RELEASED:
         _check_released_name(output)
     ckpt = read_checkpoint(input, tag=tag, config=config, trusted=trusted)
+    check_trained_head(ckpt, input, allow_untrained_head, "--allow_untrained_head")
     layout = model_layout(ckpt.config)
     state = prepare(ckpt.state_dict, layout, momentum=momentum, dtype=dtype)
     (save_released if to == RELEASED else save_albef_ds)(os.fspath(output), state, ckpt.config, layout)

@@ -12,7 +12,7 @@ from .. import distributed
 from ..config import Config
 from ..tasks import get_task
 from ..tasks.base import Task, TrainingModel
-from .files import prepare, read_checkpoint
+from .files import check_trained_head, prepare, read_checkpoint
 from .layout import Report, conform, layout_of, model_layout
 
 
@@ -65,7 +65,8 @@ def init_from_checkpoint(model: nn.Module, cfg: Config, path: str, trusted: bool
 
 
 def load_inference_model(path: str, config=None, device: Union[str, torch.device] = "cpu",
-                         tag: Optional[str] = None, trusted: bool = False) -> nn.Module:
+                         tag: Optional[str] = None, trusted: bool = False,
+                         allow_untrained_head: bool = False) -> nn.Module:
     """The inference model (albef_ds.models) of a converted file, a released ALBEF file or a
     training folder, in eval mode on `device`: its task's, with the online weights only.
 
@@ -73,8 +74,11 @@ def load_inference_model(path: str, config=None, device: Union[str, torch.device
     released files without one), else a shipped name, yaml path, dict, Config or ModelConfig;
     pos_embed is resized to its resolution. What the file lacks (the MLM head of a fine-tuned
     release, ...) keeps its initialisation and is reported as a warning. A file holding objects
-    beyond tensors and plain containers is refused unless `trusted` (loading it could run code)."""
+    beyond tensors and plain containers is refused unless `trusted` (loading it could run code). A
+    checkpoint of another task whose model lacks this task's trained head (a pretraining file read
+    as NLVR2) is refused unless `allow_untrained_head`."""
     ckpt = read_checkpoint(path, tag=tag, config=config, trusted=trusted)
+    check_trained_head(ckpt, path, allow_untrained_head, "allow_untrained_head=True (--allow_untrained_head)")
     task = get_task(ckpt.config)
     model = task.build_inference_model(ckpt.config.model.architecture_only())
     state = prepare(ckpt.state_dict, model_layout(ckpt.config), momentum=False)

@@ -39,10 +39,13 @@ from .. import distributed
 from ..config import Config, ConfigError, load_config
 from ..fileio import ConversionError, atomic_torch_save, atomic_write, check_readable, torch_load
 from .layout import Layout, model_layout, some
+from .manifest import has_manifest, verify, write_manifest
 
 LATEST = "latest"
 BEST = "best.json"
 RUN_INFO = "run.json"
+RUN_FORMAT = 2              # run.json's "format" from when a tag has a manifest (albef_ds.checkpoint.manifest)
+EVALUATION = "evaluation.json"
 
 
 def tag_for(step: int) -> str:
@@ -88,8 +91,10 @@ def save(engine, ckpt_dir: str, step: int, shared: Mapping, per_rank: Mapping, m
         rank_state["momentum"] = momentum.local_state()
     atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
     if rank == 0:
-        atomic_write(os.path.join(ckpt_dir, tag, RUN_INFO), lambda tmp: open(tmp, "w").write(json.dumps(run_info)))
+        text = json.dumps({**run_info, "format": RUN_FORMAT})
+        atomic_write(os.path.join(ckpt_dir, tag, RUN_INFO), lambda tmp: open(tmp, "w").write(text))
     distributed.barrier()
+    write_manifest(os.path.join(ckpt_dir, tag))         # last: a tag with its manifest is complete
     if rank == 0:
         tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp")
         with open(tmp, "w") as f:
@@ -100,13 +105,40 @@ def save(engine, ckpt_dir: str, step: int, shared: Mapping, per_rank: Mapping, m
     return tag
 
 
+def tags(ckpt_dir: str) -> list[str]:
+    """The checkpoint tags (step folders) in a checkpoints folder, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(d for d in os.listdir(ckpt_dir) if re.fullmatch(r"step\d+", d)
+                  and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
 def _prune(ckpt_dir: str, keep_last: int, keep: str) -> None:
     """Removes all but the newest keep_last tags; the best evaluated tag is always kept."""
-    tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, d)))
+    saved = tags(ckpt_dir)
     best = best_tag(ckpt_dir)
-    for old in tags[:-keep_last] if keep_last > 0 else []:
+    for old in saved[:-keep_last] if keep_last > 0 else []:
         if old not in (keep, best):
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def record_evaluation(ckpt_dir: str, tag: str, metrics: dict) -> None:
+    """The evaluation of a saved tag's weights, kept with it as `<tag>/evaluation.json` (rank 0
+    writes, atomically): the tag is saved before it is evaluated, so a resume knows whether that
+    evaluation finished."""
+    if distributed.rank() == 0:
+        text = json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        atomic_write(os.path.join(ckpt_dir, tag, EVALUATION), lambda tmp: open(tmp, "w").write(text))
+    distributed.barrier()
+
+
+def read_evaluation(ckpt_dir: str, tag: str) -> Optional[dict]:
+    """A tag's recorded evaluation, or None (not evaluated, or its evaluation did not finish)."""
+    try:
+        with open(os.path.join(ckpt_dir, tag, EVALUATION)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def mark_best(ckpt_dir: str, tag: str, metric: str, value: float) -> None:
@@ -181,24 +213,24 @@ def locate_training_checkpoint(path: str, tag: Optional[str] = None) -> tuple[st
     ckpt_dir = os.path.join(path, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         ckpt_dir = path
-    tags = _tags(ckpt_dir)
+    there = _deepspeed_tags(ckpt_dir)
     latest = os.path.join(ckpt_dir, LATEST)
     if tag is None:
         tag = latest_tag(ckpt_dir)
         if tag is None:
-            if not tags:
+            if not there:
                 raise ConversionError(f"no training checkpoint in '{path}': no 'latest' file and no checkpoint "
                                       f"folders in '{ckpt_dir}'")
             raise ConversionError(f"'{ckpt_dir}' has no 'latest' file: name a checkpoint with --tag "
-                                  f"(there: {', '.join(tags)})")
+                                  f"(there: {', '.join(there)})")
         if not os.path.isdir(os.path.join(ckpt_dir, tag)):
             raise ConversionError(f"'{latest}' names checkpoint '{tag}', which is not in '{ckpt_dir}'")
     elif not tag or os.sep in tag or tag in (".", "..") or not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        raise ConversionError(f"no checkpoint tag '{tag}' in '{ckpt_dir}' (there: {', '.join(tags) or 'none'})")
+        raise ConversionError(f"no checkpoint tag '{tag}' in '{ckpt_dir}' (there: {', '.join(there) or 'none'})")
     return ckpt_dir, tag
 
 
-def _tags(ckpt_dir: str) -> list:
+def _deepspeed_tags(ckpt_dir: str) -> list:
     """Sub-folders that hold a DeepSpeed checkpoint."""
     return sorted(n for n in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, n))
                   and any(f.endswith("_model_states.pt") for f in os.listdir(os.path.join(ckpt_dir, n))))
@@ -212,6 +244,12 @@ def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -
     ckpt_dir, tag = locate_training_checkpoint(path, tag)
     folder = os.path.join(ckpt_dir, tag)
     source = f"checkpoint '{tag}' in {ckpt_dir}"
+    problems = verify(folder, split=False) if has_manifest(folder) else []
+    if problems:
+        older = [t for t in tags(ckpt_dir) if t < tag and has_manifest(os.path.join(ckpt_dir, t))]
+        raise ConversionError(f"{source} fails its check: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                              + (f"; an older checkpoint: --tag {older[-1]}" if older else ""))
     candidates = [os.path.join(folder, n) for n in ("mp_rank_00_model_states.pt",
                                                    "zero_pp_rank_0_mp_rank_00_model_states.pt")]
     states_file = next((p for p in candidates if os.path.isfile(p)), None)

@@ -15,20 +15,18 @@ from typing import Union
 import torch
 
 # ALBEF deletes the same characters from questions as from captions
-from ..tokenizer import _DELETED, tokenize
+from ..tokenizer import DELETED_CHARACTERS, tokenize
 from .codec import SampleCodec, decode_images, stack
 from .samples import annotation_sample, meta_text, sample_images
 from .shards import brace_pattern, write_shard, write_sizes
 
 VG_WEIGHT = 0.5                       # the weight of a Visual Genome answer in the loss
-TRAIN_KEYS = ("question", "answer", "image")
-TEST_KEYS = ("question_id", "question", "image")
 
 
 def clean_question(question: str, max_words: int) -> str:
     """ALBEF's question normalisation: lower-case; `,.'!?"()*#:;~` deleted; `-` and `/` become
     spaces; trailing spaces stripped; at most `max_words` words (split on single spaces)."""
-    text = _DELETED.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    text = DELETED_CHARACTERS.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
     words = text.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
@@ -64,17 +62,6 @@ def answer_tokens(tokenizer, answers: list[str], max_length: int) -> tuple[torch
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
     return ids, mask
-
-
-def check_entries(entries: list, path: str, keys: tuple) -> None:
-    """Every entry of an annotation file is a dict with `keys` (ValueError naming the file, the
-    entry and the key)."""
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} is a {type(entry).__name__}, not an annotation dict")
-        for key in keys:
-            if key not in entry:
-                raise ValueError(f"{path}: entry {i} has no '{key}' (VQA entries have {', '.join(keys)})")
 
 
 class VQACodec(SampleCodec):

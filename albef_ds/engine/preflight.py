@@ -19,12 +19,14 @@ from .. import distributed as dist
 from ..checkpoint import elastic
 from ..checkpoint import training as ckpt
 from ..checkpoint.elastic import ResumePlan
+from ..cli import check_writable_folder
 from ..config import Config, ConfigError, check_config
 from ..data.shards import resolve_corpora
 from ..tasks import get_task
 from ..tasks.base import Task
 from ..tokenizer import build_tokenizer
 from .ds_config import resolve_ds_config
+from .run_folder import RunFolder, claim
 
 
 @dataclass
@@ -38,13 +40,16 @@ class Plan:
     ckpt_dir: str
     resume: Optional[ResumePlan]
     evaluator: object = None
+    run_folder: Optional[RunFolder] = None      # held for the run's lifetime (Trainer.close releases it)
 
 
 def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume: Optional[str] = None,
-              reads_data: bool = True) -> Plan:
+              reads_data: bool = True, start_over: bool = False) -> Plan:
     """Runs every check (raising ConfigError) and returns the Plan. `resume`: None (fresh), ""
-    (latest if there is one, else fresh) or a tag. A collective when evaluations are due on the
-    generated corpus (rank 0 writes it)."""
+    (latest if there is one, else fresh) or a tag; `start_over`: a fresh run in a folder that holds
+    another run's checkpoints moves them aside. A collective: the checkpoint's check is split over
+    the ranks, and rank 0 claims the run folder last, once every check has passed (nothing that
+    exists is touched before)."""
     check_config(cfg)
     world = dist.world_size()
     ckpt_dir = os.path.join(output_dir, "checkpoints")
@@ -52,6 +57,11 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
     if tag is not None:
         # first: a resume on another number of ranks changes the batch every later check sees
         resume_plan, cfg = elastic.check_resumable(ckpt_dir, tag, cfg, world)
+        if resume_plan.damaged and dist.rank() == 0:
+            print(f"resuming {resume_plan.tag}, the newest checkpoint that passes its check: "
+                  + "; ".join(f"{t} fails ({p[0]}{f' and {len(p) - 1} more' if len(p) > 1 else ''})"
+                              for t, p in resume_plan.damaged.items())
+                  + f" (moved to {os.path.join(ckpt_dir, 'damaged')})", flush=True)
         if cfg.model.init_checkpoint:
             # the checkpoint being resumed holds every weight: the init file is not read (or needed)
             cfg = copy.deepcopy(cfg)
@@ -61,21 +71,20 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
                   + "; ".join(resume_plan.notes), flush=True)
     task = get_task(cfg)
     task.check(world)
+    task.check_annotations()
     check_select_metric(cfg, task)
     if reads_data:
         check_tokenizer(cfg)
         check_corpora(cfg)
     ds = resolve_ds_config(ds_config, cfg, world)
-    try:      # now, not at the first save thousands of steps in
-        os.makedirs(ckpt_dir, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the checkpoint folder {ckpt_dir} (output_dir {output_dir}): {exc}") from None
-    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"the checkpoint folder {ckpt_dir} (output_dir {output_dir}) is not writable")
+    check_writable_folder(ckpt_dir, "output_dir")      # now, not at the first save thousands of steps in
     if resume_plan is not None and resume_plan.elastic:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     evaluator = task.evaluator(output_dir) if cfg.eval.every_epochs else None
-    return Plan(cfg, task, ds, output_dir, ckpt_dir, resume_plan, evaluator)
+    run_folder = claim(output_dir, resume, start_over, resume_plan.damaged if resume_plan else {},
+                       resume_plan.tag if resume_plan else None)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    return Plan(cfg, task, ds, output_dir, ckpt_dir, resume_plan, evaluator, run_folder)
 
 
 def check_select_metric(cfg: Config, task: Task) -> None:

@@ -24,7 +24,8 @@ from ..checkpoint import elastic
 from ..checkpoint import training as ckpt
 from ..checkpoint.elastic import ResumePlan
 from ..checkpoint.layout import model_layout
-from ..config import Config
+from ..config import Config, ConfigError
+from ..eval.inputs import check_skipped
 from ..optim import lr_at
 from ..tasks.base import StepContext
 from . import zero
@@ -40,8 +41,9 @@ EXIT_TERMINATED = 143   # saved on SIGTERM
 class Trainer:
     def __init__(self, cfg: Config, ds_config: Union[str, dict], output_dir: str,
                  resume: Optional[str] = None, batches: Optional[Iterable[dict]] = None,
-                 steps_per_epoch: Optional[int] = None, client_optimizer=None):
-        """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag.
+                 steps_per_epoch: Optional[int] = None, client_optimizer=None, start_over: bool = False):
+        """`resume`: None (fresh), "" (latest if there is one, else fresh) or a tag; `start_over`: a
+        fresh run in a folder that holds another run's checkpoints moves them aside (else refused).
         `batches`: any iterable of batches instead of the configured data stream (tests, bench).
         `client_optimizer(param_groups)`: an optimizer of one's own instead of the ds config's
         (the benchmark's baseline uses torch.optim.AdamW)."""
@@ -49,15 +51,20 @@ class Trainer:
         # A start that fails gives them back (else SIGTERM would only set a flag nobody reads).
         self._signal = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        self.run_folder = None
         try:
-            self._start(cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer)
+            self._start(cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer, start_over)
         except BaseException:
             self._restore_signal_handlers()
+            if self.run_folder is not None:
+                self.run_folder.release()
             raise
 
-    def _start(self, cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer) -> None:
+    def _start(self, cfg, ds_config, output_dir, resume, batches, steps_per_epoch, client_optimizer,
+               start_over) -> None:
         self.owns_process_group = dist.init_distributed()
-        plan = preflight(cfg, ds_config, output_dir, resume, reads_data=batches is None)
+        plan = preflight(cfg, ds_config, output_dir, resume, reads_data=batches is None, start_over=start_over)
+        self.run_folder = plan.run_folder
         parts = build(plan, batches, steps_per_epoch, client_optimizer)
         self.cfg, self.task, self.output_dir, self.ckpt_dir = parts.cfg, plan.task, output_dir, plan.ckpt_dir
         self.ds_config, self.evaluator = plan.ds_config, plan.evaluator
@@ -77,6 +84,7 @@ class Trainer:
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
         self.saved_step = None        # the step of the last checkpoint this run saved or resumed
+        self.evaluation_pending = False   # resumed from a tag whose due evaluation did not finish
         if plan.resume is not None:
             self._resume(plan.resume)
 
@@ -104,6 +112,12 @@ class Trainer:
         else:
             ckpt.load(self.engine, self.ckpt_dir, plan.tag, self.momentum, self.shared_parts, self.rank_parts)
         self.saved_step = self.state.step
+        # the tag was saved before its own evaluation: what that evaluation found, if it finished
+        recorded = ckpt.read_evaluation(self.ckpt_dir, plan.tag)
+        name = select_metric(self.cfg, self.task)
+        self.evaluation_pending = self._eval_due() and (recorded is None or name not in recorded)
+        if not self.evaluation_pending and recorded is not None and name in recorded:
+            self._consider_best(recorded[name], plan.tag)
         if dist.rank() == 0:
             print(f"resumed from {os.path.join(self.ckpt_dir, plan.tag)} at step {self.state.step}", flush=True)
 
@@ -114,20 +128,34 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """The task's evaluation of the model as it is; a collective: every rank calls it and gets
-        the same metrics."""
+        the same metrics. A set with more items skipped than eval.max_skipped allows is a ConfigError."""
         if self.evaluator is None:
             self.evaluator = self.task.evaluator(self.output_dir)
-        return self.evaluator(zero.inference_model(self.engine, self.task))
+        metrics = self.evaluator(zero.inference_model(self.engine, self.task))
+        check_skipped(metrics, self.cfg.eval.max_skipped, "eval.max_skipped")
+        return metrics
 
-    def _evaluate_and_keep_best(self) -> None:
-        metrics = self.evaluate()
+    def _save_and_evaluate(self) -> None:
+        """Saves this step's checkpoint, then evaluates it: an evaluation that fails (a bug, a
+        machine that runs out of memory in it) stops the run with the training already saved, and
+        a resume runs that evaluation again before it trains on. The evaluation is kept with the
+        tag; the best evaluated tag is marked in best.json."""
+        tag = self.save()
+        try:
+            metrics = self.evaluate()
+        except ConfigError as exc:          # the evaluation data: a user's to fix, said in one line
+            raise ConfigError(f"the evaluation at step {self.state.step} failed, after its checkpoint {tag} was "
+                              f"saved (--resume evaluates it again first): {exc}") from None
         name = select_metric(self.cfg, self.task)
         self.log.log_eval(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           getattr(self.evaluator, "headline", None))
-        if self.state.best is None or metrics[name] > self.state.best[0]:
-            # set first: the checkpoint being saved records itself as the best
-            self.state.best = (metrics[name], ckpt.tag_for(self.state.step))
-            ckpt.mark_best(self.ckpt_dir, self.save(), name, metrics[name])
+        ckpt.record_evaluation(self.ckpt_dir, tag, metrics)
+        self._consider_best(metrics[name], tag)
+
+    def _consider_best(self, value: float, tag: str) -> None:
+        if self.state.best is None or value > self.state.best[0]:
+            self.state.best = (value, tag)
+            ckpt.mark_best(self.ckpt_dir, tag, select_metric(self.cfg, self.task), value)
 
     # ---- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -251,12 +279,14 @@ class Trainer:
         self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
         data = iter(self.batches)
         try:
+            if self.evaluation_pending:         # the resumed tag's evaluation did not finish
+                self._save_and_evaluate()
             while self.state.step < self.total_steps:
                 sums, lr, elapsed, waited = self.train_step(data)
                 if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
                     self._log(sums, lr, elapsed, waited)
                 if self._eval_due():
-                    self._evaluate_and_keep_best()
+                    self._save_and_evaluate()
                 received = self.agreed_signal
                 if received:
                     self.save()
@@ -283,6 +313,7 @@ class Trainer:
         self._restore_signal_handlers()
         dist.barrier()
         self.engine.destroy()
+        self.run_folder.release()
         if self.owns_process_group:
             dist.shutdown()
 

@@ -19,11 +19,12 @@ import torch
 
 from .. import distributed as dist
 from ..config import ConfigError
+from ..data.annotations import LABELLED, check_entries
 from ..data.labelled import label_id
 from ..data.samples import ERROR_KEY, entry_images, read_shard, sample_images, sample_meta
 from ..data.shards import expand_pattern, read_annotations
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import device_dtype, predict_split
+from .inputs import device_dtype, predict_split, skip_summary
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
 SKIP_KEYS = ("missing_image", "corrupt_image", "empty_caption")
@@ -36,7 +37,8 @@ class LabelledSet:
     sentences: list
     labels: list
     names: list
-    skipped: Counter = field(default_factory=Counter)      # samples left out when reading
+    skipped: Counter = field(default_factory=Counter)      # samples left out when reading, by reason
+    skipped_items: list = field(default_factory=list)      # ... each named, with its reason
 
 
 def read_labelled_set(data: str, labels: dict, images: int, image_root: Optional[str] = None,
@@ -50,10 +52,10 @@ def read_labelled_set(data: str, labels: dict, images: int, image_root: Optional
         label = label_id(meta.get("label"), labels, where)
         sentence = meta.get("sentence")
         sentence = clean_caption(sentence, max_words) if isinstance(sentence, str) else ""
-        if not sentence:
-            out.skipped["empty_caption"] += 1
-        elif sources is None:
-            out.skipped["missing_image"] += 1
+        if not sentence or sources is None:
+            reason = "empty_caption" if not sentence else "missing_image"
+            out.skipped[reason] += 1
+            out.skipped_items.append(f"{name}: {reason.replace('_', ' ')}")
         else:
             if keep is not None and not keep(len(out.images)):
                 sources = [None] * len(sources)
@@ -63,8 +65,9 @@ def read_labelled_set(data: str, labels: dict, images: int, image_root: Optional
             out.names.append(name)
 
     if data.endswith(".json"):
-        for i, entry in enumerate(read_annotations(data)):
-            entry = entry if isinstance(entry, dict) else {}
+        entries = read_annotations(data)
+        check_entries(entries, data, LABELLED, images)
+        for i, entry in enumerate(entries):
             paths = [os.path.join(image_root, p) if image_root else p for p in entry_images(entry)]
             ok = len(paths) == images and all(os.path.isfile(p) for p in paths)
             add(f"{os.path.basename(data)}[{i}]", entry, paths if ok else None, f"{data} entry {i}")
@@ -108,8 +111,11 @@ def accuracy(predictions: torch.Tensor, data: LabelledSet) -> dict:
     skipped["corrupt_image"] += int((~evaluated).sum())
     count = int(evaluated.sum())
     correct = int((predictions[evaluated] == labels[evaluated]).sum())
-    return {"acc": 100.0 * correct / max(1, count), "samples": len(data.images) + sum(data.skipped.values()),
-            "evaluated": count, **{f"skipped_{k}": skipped[k] for k in SKIP_KEYS}}
+    unread = [f"{data.names[i]}: corrupt image" for i in (~evaluated).nonzero().flatten().tolist()]
+    samples = len(data.images) + sum(data.skipped.values())
+    return {"acc": 100.0 * correct / max(1, count), "samples": samples, "evaluated": count,
+            **{f"skipped_{k}": skipped[k] for k in SKIP_KEYS},
+            **skip_summary(samples, data.skipped_items + unread)}
 
 
 def evaluate_classification(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int,

@@ -33,7 +33,7 @@ from ..data.transforms import EvalTransform
 from ..models import evaluating
 from ..models.gradcam import default_gradcam_layer, gradcam, resize_map
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import device_dtype
+from .inputs import check_skipped, device_dtype, skip_summary
 
 IOU_THRESHOLD = 0.5
 AREA_EXPONENT = 0.5               # ALBEF's alpha: score = heat in box / area ** alpha
@@ -106,7 +106,8 @@ class Expression:
 class GroundingSet:
     expressions: list
     proposals: dict            # image id -> [N, 4] float64 boxes
-    skipped: Counter = field(default_factory=Counter)     # found while reading (same on every rank)
+    skipped: Counter = field(default_factory=Counter)     # found while reading (same on every rank), by reason
+    skipped_items: list = field(default_factory=list)     # ... each named, with its reason
 
     @property
     def splits(self) -> list[str]:
@@ -170,7 +171,7 @@ def read_grounding_set(path: str, proposals: str, image_root: Optional[str] = No
         raise ValueError(f"{path} holds a {type(entries).__name__}, not a list of expressions")
     truth = read_refer(refer) if refer else {}
     boxes = read_proposals(proposals)
-    expressions, skipped = [], Counter()
+    expressions, skipped, skipped_items = [], Counter(), []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not all(k in entry for k in ("image", "text", "ref_id")):
             raise ValueError(f"{path}: entry {i} lacks one of image, text, ref_id")
@@ -178,19 +179,25 @@ def read_grounding_set(path: str, proposals: str, image_root: Optional[str] = No
         if known is None:
             raise ValueError(f"{path}: entry {i} (ref_id {entry['ref_id']}) has no bbox / split / image_id, "
                              + ("and the REFER folder has no such ref" if refer else "and no REFER folder was given"))
-        text = clean_caption(str(entry["text"]), max_words)
+        box = known["bbox"]
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise ValueError(f"{path}: entry {i} (ref_id {entry['ref_id']}): bbox {box!r} is not [x, y, w, h]")
+        if not isinstance(entry["text"], str):
+            raise ValueError(f"{path}: entry {i} (ref_id {entry['ref_id']}): text {entry['text']!r} is not a string")
+        text = clean_caption(entry["text"], max_words)
         image_id = str(known["image_id"])
-        if not text:
-            skipped["empty_text"] += 1
-        elif image_id not in boxes:
-            skipped["no_proposals"] += 1
+        if not text or image_id not in boxes:
+            reason = "empty_text" if not text else "no_proposals"
+            skipped[reason] += 1
+            skipped_items.append(f"{os.path.basename(path)}[{i}] (ref_id {entry['ref_id']}): {reason.replace('_', ' ')}")
         else:
             image = os.path.join(image_root, entry["image"]) if image_root else entry["image"]
             expressions.append(Expression(image, text, int(entry["ref_id"]), image_id,
                                           tuple(float(v) for v in known["bbox"]), str(known["split"])))
     if not expressions:
         raise ValueError(f"{path}: no expression to evaluate (skipped: {dict(skipped)})")
-    return GroundingSet(expressions, boxes, skipped)
+    return GroundingSet(expressions, boxes, skipped, skipped_items)
 
 
 def proposal_baselines(data: GroundingSet) -> dict:
@@ -268,17 +275,20 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
         predictions = dist.gather_rows(local.to(device), n, batch_size, world).cpu()
     skipped = dict(data.skipped)
     skipped["unreadable_image"] = int(counts[-1, 0])
+    unread = [f"expression {data.expressions[i].ref_id}: image {data.expressions[i].image} unreadable"
+              for i in predictions[:, 4].isnan().nonzero().flatten().tolist()]
+    summary = skip_summary(n + len(data.skipped_items), data.skipped_items + unread)
     seen = counts[:-1, 1].sum().item()
     if seen == 0:
-        raise RuntimeError(f"no expression could be evaluated (skipped: {skipped})")
+        check_skipped(summary, 1.0, "")          # none evaluated: says so, naming them
     metrics = {"acc": 100.0 * counts[:-1, 0].sum().item() / seen}
     for s, name in enumerate(splits):
         if counts[s, 1]:
             metrics[f"acc_{name}"] = 100.0 * counts[s, 0].item() / counts[s, 1].item()
     metrics.update(heat_on_box=100.0 * counts[:-1, 2].sum().item() / seen, expressions=int(seen),
                    counts={name: int(counts[s, 1]) for s, name in enumerate(splits)},
-                   skipped={k: skipped.get(k, 0) for k in SKIP_REASONS}, mode=mode, layer=layer,
-                   predictions=predictions)
+                   skipped_by_reason={k: skipped.get(k, 0) for k in SKIP_REASONS}, mode=mode, layer=layer,
+                   predictions=predictions, **summary)
     return metrics
 
 
@@ -288,7 +298,7 @@ def format_grounding(metrics: dict) -> str:
              f"expressions, accuracy {metrics['acc']:.2f}% (heat higher on the referred box than off it: "
              f"{metrics['heat_on_box']:.1f}%)"]
     lines += [f"  {s:>6}: {metrics['acc_' + s]:.2f}% of {metrics['counts'][s]}" for s in splits]
-    skipped = {k: v for k, v in metrics["skipped"].items() if v}
+    skipped = {k: v for k, v in metrics["skipped_by_reason"].items() if v}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
+from ..config import ConfigError
 from ..data.samples import decode_image
 from ..data.transforms import EvalTransform
 from ..models import evaluating
@@ -38,11 +39,33 @@ def load_images(sources: list, names: list, indices, img_size: int, failed: list
 
 
 def check_failures(failed: list, world: int, device: torch.device) -> None:
-    """Every rank of the split stops, naming the first failures, if any rank had one."""
+    """Every rank of the split stops (ConfigError), naming the first failures, if any rank had one:
+    for evaluations that need every image (retrieval ranks each query among all of them)."""
     count = dist.sum_over_split(torch.tensor([float(len(failed))], device=device), world, device)
     if count.item():
-        raise RuntimeError(f"{int(count.item())} evaluation images could not be read; on rank "
-                           f"{dist.rank()}: {failed[:5]}")
+        raise ConfigError(f"{int(count.item())} evaluation images could not be read (retrieval needs every "
+                          f"image); on rank {dist.rank()}: {'; '.join(failed[:3])}")
+
+
+def skip_summary(items: int, skipped_items: list[str], prefix: str = "") -> dict:
+    """What an evaluation reports of the items it could not evaluate: `items` (in the set),
+    `skipped`, and `skipped_items` (each named, with why)."""
+    return {f"{prefix}items": items, f"{prefix}skipped": len(skipped_items), f"{prefix}skipped_items": skipped_items}
+
+
+def check_skipped(metrics: dict, max_fraction: float, option: str) -> None:
+    """ConfigError when no item of a set could be evaluated, or more than `max_fraction` of its
+    items could not (the option that allows more named): a metric over what is left would not be
+    the set's. Checks every set a metrics dict reports (keys `<prefix>skipped_items`)."""
+    for key in (k for k in metrics if k.endswith("skipped_items")):
+        prefix = key[: -len("skipped_items")]
+        names, items = metrics[key], metrics[f"{prefix}items"]
+        which = f" of set {prefix.rstrip('_')}" if prefix else ""
+        if names and len(names) >= items:
+            raise ConfigError(f"no item{which} could be evaluated: all {items} skipped, e.g. {'; '.join(names[:3])}")
+        if len(names) > max_fraction * items:
+            raise ConfigError(f"{len(names)} of {items} items{which} could not be evaluated ({len(names) / items:.1%}; "
+                              f"{option} allows {max_fraction:g}), e.g. {'; '.join(names[:3])}")
 
 
 @torch.no_grad()

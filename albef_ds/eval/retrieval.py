@@ -20,11 +20,12 @@ import torch
 
 from .. import distributed as dist
 from ..config import ConfigError
+from ..data.annotations import CAPTIONS, check_entries
 from ..data.samples import ERROR_KEY, IMAGE_KEYS, read_shard, sample_captions
-from ..data.shards import expand_pattern, group_annotations
+from ..data.shards import expand_pattern, group_annotations, read_annotations
 from ..models import evaluating
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import check_failures, device_dtype, load_images
+from .inputs import check_failures, device_dtype, load_images, skip_summary
 from .recall import RECALL_KEYS, retrieval_metrics
 
 # what evaluate_retrieval reports: re-ranked recalls and the ITC-only ones
@@ -40,6 +41,7 @@ class RetrievalSet:
     captions: list
     names: list
     meta: list = field(default_factory=list)
+    skipped_items: list = field(default_factory=list)     # samples left out when reading, with why
 
     @property
     def texts(self) -> list[str]:
@@ -63,9 +65,10 @@ def _clean(captions: list[str], max_words: int) -> list[str]:
 
 
 def read_json_set(path: str, image_root: Optional[str] = None, max_words: int = 30) -> RetrievalSet:
-    """ALBEF's evaluation JSON; an image listed once per caption is merged into one entry."""
-    with open(path) as f:
-        annotations = json.load(f)
+    """ALBEF's evaluation JSON; an image listed once per caption is merged into one entry. A wrong
+    entry is a ValueError naming it."""
+    annotations = read_annotations(path)
+    check_entries(annotations, path, CAPTIONS)
     images, captions, missing = [], [], []
     for image, caps in group_annotations(annotations):
         file = os.path.join(image_root, image) if image_root else image
@@ -89,7 +92,7 @@ def read_shard_set(shards: Union[str, list], max_words: int = 30,
     a rank keeps only the images it encodes. Samples without image or caption are skipped."""
     patterns = [shards] if isinstance(shards, str) else [
         p for item in shards for p in (item["shards"] if isinstance(item, dict) else [item])]
-    images, captions, names, meta, skipped = [], [], [], [], 0
+    images, captions, names, meta, skipped = [], [], [], [], []
     for url in (u for p in patterns for u in expand_pattern(p)):
         for raw in read_shard(url):
             if ERROR_KEY in raw:
@@ -101,17 +104,15 @@ def read_shard_set(shards: Union[str, list], max_words: int = 30,
                 caps = []
             data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
             if not caps or data is None:
-                skipped += 1
+                skipped.append(f"{os.path.basename(url)}/{raw['__key__']}: " + ("no image" if caps else "no caption"))
                 continue
             images.append(data if keep is None or keep(len(images)) else None)
             captions.append(caps)
             names.append(f"{os.path.basename(url)}/{raw['__key__']}")
             meta.append(info if isinstance(info, dict) else {})
     if not images:
-        raise ValueError(f"no usable sample in {patterns} ({skipped} skipped)")
-    if skipped and dist.rank() == 0:
-        print(f"evaluation data: skipped {skipped} samples without image or caption", flush=True)
-    return RetrievalSet(images, captions, names, meta)
+        raise ValueError(f"no usable sample in {patterns} ({len(skipped)} skipped, e.g. {'; '.join(skipped[:3])})")
+    return RetrievalSet(images, captions, names, meta, skipped)
 
 
 def read_retrieval_set(data: Union[str, list], image_root: Optional[str] = None, max_words: int = 30,
@@ -214,7 +215,8 @@ def evaluate_retrieval(model, data: RetrievalSet, tokenizer, img_size: int, max_
         score_i2t, score_t2i, sims = rerank_scores(model, encoded, k_test, batch_size, add_sim, split_ranks)
     out = retrieval_metrics(score_i2t, score_t2i, data.txt2img, data.img2txt)
     out.update({f"itc_{k}": v for k, v in retrieval_metrics(sims, sims.t(), data.txt2img, data.img2txt).items()})
-    out.update(images=len(data.images), texts=len(data.texts), k_test=k_test)
+    out.update(images=len(data.images), texts=len(data.texts), k_test=k_test,
+               **skip_summary(len(data.images) + len(data.skipped_items), data.skipped_items))
     if return_scores:
         out["scores"] = (score_i2t, score_t2i, sims)
     return out

@@ -19,11 +19,12 @@ import torch
 
 from .. import distributed as dist
 from ..config import ConfigError
+from ..data.annotations import VQA_ANSWERS, VQA_TEST, check_entries
 from ..data.shards import read_annotations
-from ..data.vqa import TEST_KEYS, answer_tokens, check_entries, clean_question
+from ..data.vqa import answer_tokens, clean_question
 from ..fileio import atomic_write
 from ..tokenizer import build_tokenizer, tokenize
-from .inputs import device_dtype, predict_split
+from .inputs import check_skipped, device_dtype, predict_split, skip_summary
 from .vqa import accuracy_metrics
 
 RESULT_FILE = "vqa_result.json"
@@ -48,17 +49,20 @@ def read_vqa_set(paths: Union[str, list], image_root: Optional[str] = None) -> V
     "answer_type", "question_type"]}), in order. Answers count when every entry has one, the types
     likewise.
     ValueError naming the file, the entry and the key that is missing."""
-    entries = []
+    entries, sources = [], []
     for path in [paths] if isinstance(paths, str) else paths:
         content = read_annotations(path)
         if not content:
             raise ValueError(f"{path} lists no questions")
-        check_entries(content, path, TEST_KEYS)
+        check_entries(content, path, VQA_TEST)
         entries += content
+        sources.append((content, path))
     images = [os.path.join(image_root, e["image"]) if image_root else e["image"] for e in entries]
     data = VQASet([e["question_id"] for e in entries],
                   [clean_question(str(e["question"]), QUESTION_WORDS) for e in entries], images)
     if all("answer" in e for e in entries):
+        for path_entries, path in sources:
+            check_entries(path_entries, path, VQA_ANSWERS)
         data.annotators = [[e["answer"]] if isinstance(e["answer"], str) else list(e["answer"]) for e in entries]
     for key in ("answer_type", "question_type"):
         if all(key in e for e in entries):
@@ -67,7 +71,9 @@ def read_vqa_set(paths: Union[str, list], image_root: Optional[str] = None) -> V
 
 
 def read_answer_list(path: str) -> list[str]:
-    """ALBEF's answer_list.json: a non-empty JSON list of answer strings (ValueError naming the file)."""
+    """ALBEF's answer_list.json: a non-empty JSON list of distinct, non-empty answer strings
+    (ValueError naming the file and the answer: an empty answer would be chosen for any question
+    whose best answer it outscores, a duplicate splits an answer's probability in two)."""
     if not path:
         raise ValueError("no answer list given")
     if not os.path.isfile(path):
@@ -76,6 +82,14 @@ def read_answer_list(path: str) -> list[str]:
         answers = json.load(f)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"answer list {path} is not a non-empty JSON list of strings")
+    for i, answer in enumerate(answers):
+        if not answer.strip():
+            raise ValueError(f"answer list {path}: answer {i} is empty")
+    seen = {}
+    for i, answer in enumerate(answers):
+        if answer in seen:
+            raise ValueError(f"answer list {path}: answer {i} {answer!r} repeats answer {seen[answer]}")
+        seen[answer] = i
     return answers
 
 
@@ -125,21 +139,22 @@ def answer_questions(model, data: VQASet, answer_list: list[str], tokenizer, img
 
 
 def evaluate_vqa(model, data: VQASet, answer_list: list[str], tokenizer, img_size: int, k_test: int = 128,
-                 batch_size: int = 64, result_file: Optional[str] = None, split_ranks: Optional[bool] = None) -> dict:
+                 batch_size: int = 64, result_file: Optional[str] = None, split_ranks: Optional[bool] = None,
+                 max_skipped: float = 0.0, max_skipped_option: str = "--max_skipped") -> dict:
     """Answers every question (a collective over the split, default all ranks of the process group)
-    and returns, the same on every rank: questions, answered, skipped (unreadable images, with up
-    to ten of them), k_test, and with the annotators' answers the VQA accuracy ("acc", "acc_<type>"
-    per answer type, "per_question_type"). Rank 0 writes `result_file` (the server's format)."""
+    and returns, the same on every rank: questions, answered, skipped (questions whose image could
+    not be read, each in skipped_items), k_test, and with the annotators' answers the VQA accuracy
+    ("acc", "acc_<type>" per answer type, "per_question_type"). More skipped than `max_skipped`
+    allows is a ConfigError (check_skipped) before anything is written; then rank 0 writes
+    `result_file` (the server's format), replacing an older one only whole."""
     picked = answer_questions(model, data, answer_list, tokenizer, img_size, k_test, batch_size, split_ranks)
     answers = [answer_list[i] if i != NOT_ANSWERED else None for i in picked]
-    skipped = [image for image, answer in zip(data.images, answers) if answer is None]
-    out = {"questions": len(answers), "answered": len(answers) - len(skipped), "skipped": len(skipped),
-           "k_test": min(k_test, len(answer_list)), "answer_list": len(answer_list)}
-    if skipped:
-        out["skipped_images"] = skipped[:10]
-        if dist.rank() == 0:
-            print(f"warning: {len(skipped)} of {len(answers)} questions not answered: their image could not "
-                  f"be read (scored 0; the result file lacks them), e.g. {skipped[:3]}", flush=True)
+    skipped = [f"question {q}: image {image} unreadable" for q, image, answer
+               in zip(data.question_ids, data.images, answers) if answer is None]
+    out = {"questions": len(answers), "answered": len(answers) - len(skipped),
+           "k_test": min(k_test, len(answer_list)), "answer_list": len(answer_list),
+           **skip_summary(len(answers), skipped)}
+    check_skipped(out, max_skipped, max_skipped_option)
     if data.annotators is not None:
         out.update(accuracy_metrics(answers, data.annotators, data.answer_types, data.question_types))
     if result_file is not None and dist.rank() == 0:
@@ -171,4 +186,5 @@ class VQAEvaluator:
     def __call__(self, model) -> dict:
         e = self.cfg.eval
         return evaluate_vqa(model, self.data, self.answer_list, self.tokenizer, self.cfg.model.vision.img_size,
-                            e.k_test, e.batch_size, self.result_file)
+                            e.k_test, e.batch_size, self.result_file, max_skipped=e.max_skipped,
+                            max_skipped_option="eval.max_skipped")

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, ModelConfig, build_section
+from ..data.annotations import check_entries
+from ..data.shards import check_corpus_annotations
 
 
 @dataclass
@@ -70,6 +72,15 @@ class Task:
     # new heads (prefixes) a checkpoint of another task does not have.
     released_text_parts: ClassVar[dict] = {}
     fresh_parts: ClassVar[tuple] = ()
+    # What only a checkpoint of this task holds trained (prefixes): started from another task's
+    # checkpoint they are random or derived, so evaluating, converting or loading such a model as
+    # this task's is refused unless asked for (retrieval and grounding take a pretrained model as
+    # it is: zero-shot, as the paper evaluates them).
+    fine_tuned_parts: ClassVar[tuple] = ()
+    # What an entry of the task's training annotation files holds (albef_ds.data.annotations), and
+    # how many images it names (0: not checked).
+    annotation_schema: ClassVar[dict] = {}
+    annotation_images: ClassVar[int] = 0
     # What the evaluator reports and which metric selects the best checkpoint by default.
     eval_metrics: ClassVar[tuple] = ()
     select_metric: ClassVar[str] = ""
@@ -89,6 +100,13 @@ class Task:
     def check(self, world_size: int) -> None:
         """Task-specific checks of the config for a run on `world_size` ranks, before anything is
         built (raise ConfigError naming the key and the numbers)."""
+
+    def check_annotations(self) -> None:
+        """Every entry of the annotation files data.corpora reads directly, before anything is built:
+        a wrong one is a ConfigError naming the file, the entry and the key."""
+        if self.annotation_schema:
+            check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_entries(
+                entries, path, self.annotation_schema, self.annotation_images))
 
     # ---- model ---------------------------------------------------------------------------------
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> TrainingModel:
@@ -123,6 +141,11 @@ class Task:
     @classmethod
     def add_eval_arguments(cls, parser) -> None:
         pass
+
+    @classmethod
+    def check_eval_arguments(cls, args) -> None:
+        """The task's own rules for its evaluation command's arguments (ConfigError naming the
+        option), checked before the model is loaded."""
 
     @classmethod
     def evaluate_command(cls, model: nn.Module, args) -> dict:

@@ -12,9 +12,12 @@ from typing import Optional
 from .. import distributed as dist
 from ..cli import eval_text_lengths
 from ..config import ConfigError
+from ..data.annotations import GROUNDING_TRAIN
 from ..data.grounding import ExpressionCodec
 from ..data.transforms import build_transform
 from ..eval.grounding import GroundingEvaluator, evaluate_grounding, format_grounding, read_grounding_set
+from ..eval.inputs import check_skipped
+from ..fileio import atomic_write
 from ..models.gradcam import check_gradcam, default_gradcam_layer
 from ..tokenizer import build_tokenizer
 from .retrieval import RetrievalTask
@@ -31,6 +34,7 @@ class GroundingOptions:
 
 
 class GroundingTask(RetrievalTask):
+    annotation_schema = GROUNDING_TRAIN
     name = "grounding"
     Options = GroundingOptions
     eval_metrics = GroundingEvaluator.metrics
@@ -88,12 +92,13 @@ class GroundingTask(RetrievalTask):
         out = evaluate_grounding(model, data, build_tokenizer(model.cfg.text.tokenizer), model.cfg.vision.img_size,
                                  max_tokens, args.mode, layer, args.batch_size)
         predictions = out.pop("predictions")
+        check_skipped(out, args.max_skipped, "--max_skipped")          # before anything is written
         if dist.rank() == 0:
             rows = [{"ref_id": e.ref_id, "split": e.split, "box": [round(v, 2) for v in p[:4].tolist()],
                      "iou": round(float(p[4]), 4)} if not p[4].isnan() else {"ref_id": e.ref_id, "skipped": True}
                     for e, p in zip(data.expressions, predictions)]
-            with open(os.path.join(args.output_dir, "predictions.json"), "w") as f:
-                json.dump(rows, f)
+            text = json.dumps(rows)
+            atomic_write(os.path.join(args.output_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(text))
         out.update(dets=args.dets)
         return out
 

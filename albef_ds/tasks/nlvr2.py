@@ -30,6 +30,7 @@ class NLVR2Task(SNLIVETask):
     inference_class = NLVRClassifier
     training_class = NLVRModel
     labels = NLVR_LABELS
+    annotation_images = 2
 
     @classmethod
     def is_release(cls, keys: set) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed as dist
 from ..config import ConfigError, ModelConfig
+from ..data.annotations import CAPTIONS
 from ..models.bert import double_fusion_layers
 from ..models.classifier import PAIRING_TEMP, TextAssignment
 from . import objectives
@@ -61,6 +62,8 @@ class NLVR2TATask(Task):
     # ALBEF's pretrain_model_nlvr.pth: a BertModel text encoder, no momentum model
     released_text_parts = {"text_encoder.": False}
     fresh_parts = ("ta_head.",)
+    fine_tuned_parts = ("ta_head.",)
+    annotation_schema = CAPTIONS
 
     @classmethod
     def is_release(cls, keys: set) -> bool:

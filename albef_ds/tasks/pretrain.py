@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ConfigError, ModelConfig
+from ..data.annotations import CAPTIONS
 from ..data.codec import CaptionCodec
 from ..data.transforms import build_transform
 from ..eval.retrieval import RetrievalEvaluator
@@ -13,6 +14,7 @@ from .contrastive import ContrastiveModel
 
 
 class PretrainTask(Task):
+    annotation_schema = CAPTIONS
     name = "pretrain"
     inference_class = ALBEF
     # released pretraining files hold BertForMaskedLM text encoders (`bert.` infix, MLM head)

@@ -10,7 +10,7 @@ import torch
 from PIL import ImageOps
 
 from .. import distributed as dist
-from ..cli import eval_text_lengths
+from ..cli import check_at_least, eval_text_lengths
 from ..config import ConfigError, ModelConfig
 from ..data.samples import decode_image
 from ..eval.recall import format_table
@@ -47,6 +47,10 @@ class RetrievalTask(PretrainTask):
                             "instead of ALBEF's ITM logit")
         parser.add_argument("--show", type=int, default=0, metavar="N", help="also draw the top-5 images of N "
                             "text queries spread over the set (OUTPUT_DIR/show/*.png)")
+
+    @classmethod
+    def check_eval_arguments(cls, args) -> None:
+        check_at_least({"--k_test": args.k_test, "--show": args.show}, 0)
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:

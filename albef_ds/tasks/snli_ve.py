@@ -15,6 +15,7 @@ from torch import nn
 
 from ..cli import eval_text_lengths
 from ..config import ConfigError, ModelConfig
+from ..data.annotations import LABELLED
 from ..data.labelled import VE_LABELS, LabelledCodec, check_labels
 from ..data.shards import check_corpus_annotations
 from ..data.transforms import build_transform
@@ -96,6 +97,9 @@ class SNLIVETask(Task):
     # the released files (ALBEF's code, LAVIS' albef_snli_ve_lavis.pt) hold BertModel encoders
     released_text_parts = {"text_encoder.": False, "text_encoder_m.": False}
     fresh_parts = ("cls_head.",)
+    fine_tuned_parts = ("cls_head.",)
+    annotation_schema = LABELLED
+    annotation_images = 1
     eval_metrics = ClassificationEvaluator.metrics
     select_metric = "acc"
 

@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..cli import check_at_least
 from ..config import ConfigError, ModelConfig
-from ..data.shards import check_corpus_annotations
+from ..data.annotations import VQA_TRAIN
 from ..data.transforms import build_transform
-from ..data.vqa import TRAIN_KEYS, VQACodec, check_entries
+from ..data.vqa import VQACodec
 from ..eval.vqa_answering import RESULT_FILE, VQAEvaluator, evaluate_vqa, read_vqa_inputs
 from ..models.vit import build_vit
 from ..models.vqa import (VQAModel, build_decoder, decoder_logits, encode_question, predicted_positions,
@@ -93,6 +94,10 @@ class VQATask(Task):
     eval_metrics = VQAEvaluator.metrics
     select_metric = "acc"
 
+    # from pretraining, the answer decoder is the question encoder's fusion layers (initial_state)
+    fine_tuned_parts = ("text_decoder.",)
+    annotation_schema = VQA_TRAIN
+
     @classmethod
     def is_release(cls, keys: set) -> bool:
         return any(k.startswith("text_decoder.bert.") for k in keys)
@@ -101,7 +106,9 @@ class VQATask(Task):
         if self.cfg.train.compile:
             raise ConfigError("train.compile is not supported for vqa: the number and length of the answers "
                               "change every batch, and each new shape would compile the decoder layers again")
-        check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_entries(entries, path, TRAIN_KEYS))
+        if self.cfg.eval.every_epochs and self.cfg.eval.k_test < 1:
+            raise ConfigError(f"eval.k_test is {self.cfg.eval.k_test}: VQA re-ranks the k_test answers most likely "
+                              "by their first token, so it must be at least 1")
 
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> VQATrainingModel:
         return VQATrainingModel(model_cfg or self.cfg.model)
@@ -145,11 +152,15 @@ class VQATask(Task):
                             help="answers kept by their first token's probability, then re-ranked")
 
     @classmethod
+    def check_eval_arguments(cls, args) -> None:
+        check_at_least({"--k_test": args.k_test}, 1)
+
+    @classmethod
     def evaluate_command(cls, model, args) -> dict:
         data, answer_list, tokenizer = read_vqa_inputs(args.data, args.image_root, args.answer_list,
                                                        model.cfg.text.tokenizer, "--data", "--answer_list")
         return evaluate_vqa(model, data, answer_list, tokenizer, model.cfg.vision.img_size, args.k_test,
-                            args.batch_size, os.path.join(args.output_dir, RESULT_FILE))
+                            args.batch_size, os.path.join(args.output_dir, RESULT_FILE), max_skipped=args.max_skipped)
 
     @classmethod
     def format_metrics(cls, metrics: dict) -> str:

@@ -383,10 +383,17 @@ def test_evaluate_command_reports_accuracy_and_refuses_another_tasks_checkpoint(
     model = save_inference_file("nlvr2", nlvr)
     save_inference_file("snli_ve", ve)
     out = tmp_path / "eval"
+    # one sample of five lacks an image: refused by default (the accuracy would not be the set's), named
     assert evaluate_main(["nlvr2", "--checkpoint", nlvr, "--data", data, "--image_root", str(tmp_path),
-                          "--output_dir", str(out), "--batch_size", "3"]) == 0
+                          "--output_dir", str(out), "--batch_size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 5 items could not be evaluated (20.0%; --max_skipped allows 0)" in err and "nlvr_dev.json[0]" in err
+    assert not out.exists()
+    assert evaluate_main(["nlvr2", "--checkpoint", nlvr, "--data", data, "--image_root", str(tmp_path),
+                          "--output_dir", str(out), "--batch_size", "3", "--max_skipped", "0.2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 5 and metrics["evaluated"] == 4 and metrics["skipped_missing_image"] == 1
+    assert metrics["skipped_items"] == ["nlvr_dev.json[0]: missing image"] and metrics["items"] == 5
     tok = build_tokenizer("tiny_vocab.txt")
     set_ = read_labelled_set(data, NLVR_LABELS, 2, str(tmp_path))
     assert metrics["acc"] == evaluate_classification(model.eval(), set_, tok, 64, 30)["acc"]

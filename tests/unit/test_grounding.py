@@ -208,7 +208,11 @@ def test_evaluation_skips_and_counts_unreadable_images(grounding_corpus, tmp_pat
     data.expressions[2].image = str(tmp_path / "missing.png")
     out = evaluate_grounding(model, data, tok, 64, 16, batch_size=4)
     n = len(data.expressions)
-    assert out["skipped"] == {"empty_text": 0, "no_proposals": 0, "unreadable_image": 2}
+    assert out["skipped_by_reason"] == {"empty_text": 0, "no_proposals": 0, "unreadable_image": 2}
+    refs = [e.ref_id for e in data.expressions[1:3]]
+    assert out["skipped_items"] == [f"expression {refs[0]}: image {broken} unreadable",
+                                    f"expression {refs[1]}: image {tmp_path / 'missing.png'} unreadable"]
+    assert out["skipped"] == 2 and out["items"] == n
     assert out["expressions"] == n - 2 and out["counts"] == {"val": n - 2}
     preds = out["predictions"]
     assert preds.shape == (n, 5) and preds[1:3].isnan().all() and not preds[[0, 3]].isnan().any()
@@ -220,7 +224,7 @@ def test_evaluation_skips_and_counts_unreadable_images(grounding_corpus, tmp_pat
         if not p[4].isnan():
             assert p[:4].tolist() in data.proposals[e.image_id].tolist()
             assert p[4].item() == pytest.approx(box_iou(p[:4].tolist(), e.box))
-    with pytest.raises(RuntimeError, match="no expression could be evaluated"):
+    with pytest.raises(ConfigError, match="no item could be evaluated: all 2 skipped"):
         evaluate_grounding(model, GroundingSet(data.expressions[1:3], data.proposals), tok, 64, 16)
 
 

@@ -147,7 +147,7 @@ def test_annotation_files_with_missing_keys_stop_naming_file_and_key(tmp_path):
     path.write_text(json.dumps([{"question": "q", "answer": ["a"], "image": "x.png"}, {"question": "q", "image": "y"}]))
     cfg = load_config("tiny_vqa", [f"data.corpora=[{{name: t, annotations: [{path}], image_root: {tmp_path}}}]"])
     with pytest.raises(ConfigError, match=rf"{path}: entry 1 has no 'answer'"):
-        VQATask(cfg).check(1)
+        VQATask(cfg).check_annotations()
     with pytest.raises(ConfigError, match="train.compile is not supported for vqa"):
         VQATask(load_config("tiny_vqa", ["train.compile=true"])).check(1)
     test = tmp_path / "vqa_test.json"

@@ -48,19 +48,22 @@ def open_shard(shard: Shard) -> Iterator[dict]:
         yield from read_shard(shard.url)
         return
     start, end = shard.entries
-    entries = read_annotations(shard.url)
+    entries = cached_annotations(shard.url)
     for index in range(start, min(end, len(entries))):
         yield annotation_sample(f"{index:09d}", entries[index], shard.image_root)
 
 
-@functools.lru_cache(maxsize=4)
 def read_annotations(path: str) -> list:
-    """An ALBEF annotation file: a JSON list of entries (read once per process)."""
+    """An ALBEF annotation file: a JSON list of entries."""
     with open(path) as f:
         entries = json.load(f)
     if not isinstance(entries, list):
         raise ValueError(f"annotation file {path} holds a {type(entries).__name__}, not a list of entries")
     return entries
+
+
+# the stream reads an annotation file's entries in runs of 1000: the file is parsed once per worker
+cached_annotations = functools.lru_cache(maxsize=4)(read_annotations)
 
 
 def check_corpus_annotations(corpora: list, check: Callable[[list, str], None]) -> None:
@@ -72,7 +75,7 @@ def check_corpus_annotations(corpora: list, check: Callable[[list, str], None]) 
         annotations = corpus.get("annotations", []) if isinstance(corpus, dict) else corpus.annotations
         for path in map(os.path.expandvars, annotations):
             try:
-                entries = read_annotations(path)
+                entries = cached_annotations(path)
             except (OSError, ValueError):
                 continue
             try:
@@ -173,7 +176,7 @@ def _annotation_shards(corpus: CorpusConfig, name: str) -> tuple[list[Shard], in
     for path in corpus.annotations:
         path = os.path.expandvars(path)
         try:
-            entries = read_annotations(path)
+            entries = cached_annotations(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"corpus '{name}': cannot read annotation file {path}: {exc}") from None
         stem = Path(path).stem

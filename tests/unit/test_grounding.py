@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_albef
 
 import albef_ds
+from albef_ds.config import ConfigError
 from albef_ds.eval.grounding import (Expression, GroundingSet, best_proposal, box_iou, evaluate_grounding, heat_on_box,
                                      proposal_baselines, proposal_scores, read_grounding_set, read_proposals)
 from albef_ds.models.gradcam import resize_map

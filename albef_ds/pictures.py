@@ -153,7 +153,7 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
     of its word pieces' maps) of a model with an ITM head. ITC mode has one map per image-text
     pair: no words then. ValueError for a text that is empty once cleaned, or a bad mode / layer."""
     from .data.transforms import EvalTransform
-    from .eval.inputs import device_dtype
+    from .eval.inputs import model_device
     from .models.gradcam import check_gradcam, default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps
     from .tokenizer import clean_caption, tokenize
 
@@ -162,9 +162,9 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
         raise ValueError(f"text {text!r} is empty once cleaned (lower case, no punctuation)")
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     check_gradcam(model.cfg, mode, layer)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     ids, mask = tokenize(tokenizer, [cleaned], max_tokens)
-    pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device, dtype)
+    pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device)
     was_training = model.training
     model.eval()
     try:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
-from .inputs import device_dtype, predict_split
+from .inputs import model_device, predict_split
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
 SKIP_KEYS = ("missing_image", "corrupt_image", "empty_caption")
@@ -92,7 +92,7 @@ def predict(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int,
     same on every rank of the split."""
     from ..tokenizer import tokenize
 
-    device = device_dtype(model)[0]
+    device = model_device(model)
     ids, mask = tokenize(tokenizer, data.sentences, max_tokens)
 
     def classify(slots: list, items: list) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import distributed as dist
-from .inputs import device_dtype
+from .inputs import model_device
 
 IOU_THRESHOLD = 0.5
 AREA_EXPONENT = 0.5               # ALBEF's alpha: score = heat in box / area ** alpha
@@ -237,7 +237,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
 
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     splits = data.splits
     n = len(data.expressions)
     # per split: [correct, seen, heat on the referred box]; the last row's first: unreadable images
@@ -254,7 +254,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
             out = torch.full((len(items), 5), float("nan"), dtype=torch.float64)
             if found:
                 ids, mask = tokenize(tokenizer, [items[j].text for j in found], max_tokens)
-                images = torch.stack([tensors[j] for j in found]).to(device, dtype)
+                images = torch.stack([tensors[j] for j in found]).to(device)
                 maps = gradcam(model, images, ids.to(device), mask.to(device), mode, layer).cpu()
                 for heat, j in zip(maps, found):
                     e = items[j]

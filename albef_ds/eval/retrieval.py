@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .. import distributed as dist
-from .inputs import check_failures, device_dtype, load_images
+from .inputs import check_failures, load_images, model_device
 from .recall import RECALL_KEYS, retrieval_metrics
 
 # what evaluate_retrieval reports: re-ranked recalls and the ITC-only ones
@@ -143,12 +143,12 @@ def encode_set(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: 
     from ..tokenizer import tokenize
 
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     texts = data.texts
     ids, mask = tokenize(tokenizer, texts, max_tokens)
     image_feats, image_embeds, text_feats, failed = [], [], [], []
     for batch in dist.my_batches(len(data.images), batch_size, rank, world):
-        images = load_images(data.images, data.names, batch, img_size, failed).to(device, dtype)
+        images = load_images(data.images, data.names, batch, img_size, failed).to(device)
         embeds = model.image_embeds(images)
         image_embeds.append(embeds)
         image_feats.append(model.project_image(embeds).float())       # the ViT run once
@@ -175,7 +175,7 @@ def rerank_scores(model, encoded: dict, k_test: int, batch_size: int = 64, add_s
     the fusion encoder, on the rank that holds the image's embeddings, one image at a time (its
     pairs in chunks of batch_size, the image repeated); the logits are summed over ranks."""
     rank, world = dist.work_split(split_ranks)
-    device, _ = device_dtype(model)
+    device = model_device(model)
     sims = encoded["image_feats"] @ encoded["text_feats"].t()
     n_img, n_txt = sims.shape
     if k_test <= 0:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from .inputs import check_failures, device_dtype, load_images
+from .inputs import check_failures, load_images, model_device
 from .recall import format_table
 from .retrieval import RetrievalSet, evaluate_retrieval, read_shard_set
 
@@ -48,7 +48,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     from ..tokenizer import tokenize
 
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     n = len(data.images)
     if n < 2:
         raise ValueError("held-out checks need at least two images")
@@ -91,7 +91,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     try:
         for batch in dist.my_batches(n, batch_size, rank, world):
             b = torch.tensor(list(batch))
-            images = load_images(data.images, data.names, batch, img_size, failed).to(device, dtype)
+            images = load_images(data.images, data.names, batch, img_size, failed).to(device)
             embeds = model.image_embeds(images)
             m = mask[b].to(device)
             itm_ids = torch.cat([ids[b], ids[[other[i] for i in batch]], colour_swapped[b], shape_swapped[b]])
@@ -104,7 +104,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
             counts[9] += ((probs[0] > probs[1]) & ok).sum()
             counts[2] += (probs[2] <= 0.5).sum()
             counts[3] += (probs[3] <= 0.5).sum()
-            shuffled_images = load_images(data.images, data.names, [other[i] for i in batch], img_size, failed).to(device, dtype)
+            shuffled_images = load_images(data.images, data.names, [other[i] for i in batch], img_size, failed).to(device)
             for slot, pos, true, choices in ((4, colour_pos, colour_true, colours.expand(n, -1)),
                                              (5, shape_pos, shape_true, shape_sets)):
                 masked = ids[b].clone()
@@ -150,13 +150,13 @@ def attribute_probe(model, data: RetrievalSet, tokenizer, img_size: int, max_tok
     "captions": n}}; count: the captions that say one / two / three ("a" also opens templates)."""
     from ..tokenizer import tokenize
 
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     n = len(data.images)
     ids, mask = tokenize(tokenizer, [captions[0] for captions in data.captions], max_tokens)
     failed = []
     images = load_images(data.images, data.names, range(n), img_size, failed)
     check_failures(failed, 1, device)
-    images = images.to(device, dtype)
+    images = images.to(device)
     others = images[[(i + n // 2) % n for i in range(n)]]
     out = {}
     was_training = model.training

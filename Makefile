@@ -2,9 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The environment's own tools (deepspeed, mpirun, ninja) first, for every recipe.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # DeepSpeed's JIT-compiled ops live with the venv, so every launcher (srun, mpirun) finds them.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
+# The torch / torchvision builds this project is tested with: the one place they are pinned
+# (setup.py states the range it runs on).
+TORCH := torch==2.14.1 torchvision==0.29.1
 # torch 2.14.1 with its CUDA libraries takes about 6 GB; a full disk fails with a clear line, not
 # an OSError half-way through pip.
 NEED_GB := 7
@@ -15,8 +20,7 @@ $(STAMP): setup.py
 		echo "make: $(CURDIR) has $$free GB free; installing into $(VENV) needs $(NEED_GB) GB" >&2; exit 1; \
 	fi
 	python3 -m venv $(VENV)
-	# torch/torchvision pinned to the builds this project is tested with (2.14.1 / 0.29.1).
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
@@ -26,33 +30,30 @@ install: $(STAMP)
 
 # The built-in demo: tiny ALBEF on a generated corpus, 2 CPU ranks under the deepspeed launcher.
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 albef_ds/train.py --deepspeed ds_configs/zero2.json
+	deepspeed --num_gpus 2 albef_ds/demo.py --deepspeed ds_configs/zero2.json
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
-# Unit tests only (no ranks, launchers, cluster or training runs): a few minutes.
+# Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): about a minute.
 test-fast: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q tests/unit
 
-# The tiny pretrained checkpoint the downstream tasks' tests start from (shipped as
-# tests/data/tiny_pretrained.safetensors, online weights, fp32): the demo's pretraining on one
-# rank without distillation (tests/test_learning.py's recipe), then its conversion.
-tiny-pretrained: $(STAMP)
-	rm -rf output/tiny_pretrained
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 1 albef_ds/train.py --deepspeed ds_configs/zero2.json \
-		--output_dir output/tiny_pretrained model.alpha=0.0 train.save_every=1000000 train.log_every=500
-	$(PY) tools/convert_checkpoint.py --input output/tiny_pretrained \
-		--output tests/data/tiny_pretrained.safetensors --no-momentum
-
-# The tiny checkpoint that also knows where things are (tests/data/tiny_pretrained_positions.safetensors,
-# where VQA's proof of learning starts): the same pretraining with the ViT's position embeddings
-# started from the sin-cos table, in batches of 32 for 3,000 steps (docs/retrieval.md). One thread,
-# as the shipped file was made: more threads sum in another order and end elsewhere.
-tiny-pretrained-positions: $(STAMP)
-	rm -rf output/tiny_pretrained_positions
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 deepspeed --num_gpus 1 albef_ds/train.py --deepspeed ds_configs/zero2.json \
-		--output_dir output/tiny_pretrained_positions model.alpha=0.0 train.save_every=1000000 train.log_every=500 \
-		model.vision.pos_embed_init=sincos train.batch_size=32 train.max_steps=3000 train.epochs=24
-	$(PY) tools/convert_checkpoint.py --input output/tiny_pretrained_positions \
-		--output tests/data/tiny_pretrained_positions.safetensors --no-momentum
+# The tiny pretrained checkpoints the downstream tasks' tests start from (online weights, fp32):
+# the demo's pretraining on one rank without distillation, then its conversion.
+#   tests/data/tiny_pretrained.safetensors: tests/learning/test_learning.py's recipe.
+#   tests/data/tiny_pretrained_positions.safetensors: the ViT's position embeddings started from the
+#   sin-cos table, in batches of 32 for 3,000 steps, so it also knows where things are
+#   (docs/retrieval.md); on one thread, as the shipped file was made: more threads sum in another
+#   order and end elsewhere.
+TINY_RECIPE := model.alpha=0.0 train.save_every=1000000 train.log_every=500
+tiny-pretrained: TINY_OVERRIDES :=
+tiny-pretrained-positions: TINY_THREADS := OMP_NUM_THREADS=1
+tiny-pretrained-positions: TINY_OVERRIDES := model.vision.pos_embed_init=sincos train.batch_size=32 \
+	train.max_steps=3000 train.epochs=24
+tiny-pretrained tiny-pretrained-positions: $(STAMP)
+	rm -rf output/$(subst -,_,$@)
+	$(TINY_THREADS) deepspeed --num_gpus 1 albef_ds/demo.py --deepspeed ds_configs/zero2.json --config tiny \
+		--output_dir output/$(subst -,_,$@) $(TINY_RECIPE) $(TINY_OVERRIDES)
+	$(PY) tools/convert_checkpoint.py --input output/$(subst -,_,$@) \
+		--output tests/data/$(subst -,_,$@).safetensors --no-momentum

@@ -21,6 +21,6 @@ setup(
         "pyyaml>=6.0",
         "safetensors>=0.4",
     ],
-    # scikit-image: the real photographs of tools/make_photo_shards.py (tests/test_data_pixels.py, the data bench)
+    # scikit-image: the real photographs of tools/make_photo_shards.py (tests/unit/test_data_pixels.py, the data bench)
     extras_require={"test": ["pytest>=8", "scikit-image>=0.22"]},
 )

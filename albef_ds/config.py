@@ -189,19 +189,20 @@ POS_EMBED_INITS = ("timm", "sincos")
 @dataclass
 class Config:
     # The task (albef_ds/tasks/<task>.py): pretrain, retrieval, ... Its own options, if it takes
-    # any, are the config section named after it (`vqa: {answer_list: ...}`), held in `options`.
+    # any, are the config section named after it (`vqa: {answer_list: ...}`), held in `options` as
+    # plain data: the task types and checks them (albef_ds.tasks.base.Task.options).
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    options: Any = None
+    options: Optional[dict] = None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("options")
         if self.options is not None:
-            out[self.task] = dataclasses.asdict(self.options)
+            out[self.task] = copy.deepcopy(self.options)
         return out
 
 
@@ -322,16 +323,17 @@ def load_config(source: Union[str, dict, Config, None] = "tiny", overrides: Opti
         values = source
     else:
         values = _read_yaml(resolve_config_path(source or "tiny"))
-    from .tasks import task_class
-    from .tasks.base import build_options
-
     values = apply_overrides(values, overrides or [])
-    task = task_class(values.get("task", Config.task))
-    section = values.pop(task.name, None)
+    task = values.get("task", Config.task)
+    if not isinstance(task, str) or not task.isidentifier():
+        raise ConfigError(f"config key 'task' has value {task!r}: expected a task's name (pretrain, retrieval, ...)")
+    section = values.pop(task, None)
     if "options" in values:
-        raise ConfigError(f"unknown config key 'options': task options go in the section '{task.name}'")
+        raise ConfigError(f"unknown config key 'options': task options go in the section '{task}'")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"config section '{task}' must be a mapping, got {section!r}")
     config = build_section(Config, values, "")
-    config.options = build_options(task, section, task.name)
+    config.options = section
     check_config(config)
     return config
 

@@ -18,15 +18,15 @@ import sys
 import torch
 
 from albef_ds import distributed as dist
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import run_in_process_group
 from albef_ds.config import ConfigError
+from albef_ds.hub import load_model
+from albef_ds.tasks import task_class, task_names
 
 METRICS_FILE = "metrics.json"
 
 
 def parse_args(argv=None):
-    from albef_ds.tasks import task_class, task_names
-
     ap = argparse.ArgumentParser(description="ALBEF-DS evaluation")
     sub = ap.add_subparsers(dest="task", required=True)
     for name in task_names():
@@ -51,24 +51,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started = dist.init_distributed()        # any launcher, or a process group of one
-    try:
-        return _evaluate_command(args)
-    except INPUT_ERRORS as exc:       # every rank meets it; rank 0 says it
-        return report_input_error(exc)
-    finally:
-        if started:
-            dist.shutdown()
+    return run_in_process_group(lambda: _evaluate_command(args))
 
 
 def _evaluate_command(args) -> int:
-    import albef_ds
-    from albef_ds.tasks import task_class
-
     task = task_class(args.task)
     os.makedirs(args.output_dir, exist_ok=True)      # before the work: a bad folder fails now
     device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
-    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
+    model = load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, task.inference_class):
         raise ConfigError(f"{args.checkpoint} holds a {type(model).__name__}, not the "
                           f"{task.inference_class.__name__} that `evaluate {args.task}` needs")

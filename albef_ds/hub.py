@@ -1,98 +1,30 @@
-"""Models for users: build a task's training model, or load any checkpoint as an inference model."""
+"""Models for users: build a task's training model, or load any checkpoint as an inference model
+(the facade over albef_ds.tasks and albef_ds.checkpoint.loading)."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .checkpoint.files import prepare, read_checkpoint
-from .checkpoint.layout import Report, conform, layout_of, model_layout
+from .checkpoint.loading import build_training_model, load_inference_model
 from .config import Config, ModelConfig, load_config
-
-
-def _as_config(config: Union[str, dict, Config, ModelConfig]) -> Config:
-    if isinstance(config, ModelConfig):
-        return Config(model=config)
-    return config if isinstance(config, Config) else load_config(config)
+from .tasks import get_task
 
 
 def build_model(config: Union[str, dict, Config, ModelConfig] = "tiny") -> nn.Module:
     """The training model of the config's task (a ModelConfig alone: pretraining), from a shipped
-    config name ('base', 'tiny'), a yaml path, a dict or a config object.
-
-    With `model.init_checkpoint` set, the weights come from that checkpoint (our file, a released
-    ALBEF file or a training folder, of this task or one it starts from, such as pretraining):
-    strict about shapes (pos_embed is resized), lenient about what releases lack (momentum
-    weights are copied from the online ones; queues, idx_queue, a fine-tuned release's MLM head and
-    the task's new heads keep their init); missing and unexpected keys are reported (rank 0). No
-    pretrained DeiT/BERT weights are fetched then."""
-    from .tasks import get_task
-
-    cfg = _as_config(config)
-    task = get_task(cfg)
-    if not cfg.model.init_checkpoint:
-        return task.build_model()
-    model = task.build_model(cfg.model.architecture_only())
-    init_from_checkpoint(model, cfg, cfg.model.init_checkpoint, trusted=cfg.model.trust_init_checkpoint)
-    return model
-
-
-def load_state(model: nn.Module, state: dict, cfg: Config, source: str = "checkpoint",
-               fresh: tuple = ()) -> Report:
-    """Loads a state dict in our key names into a training model of `cfg`: strict about shapes
-    (after resizing pos_embed to the model's resolution), lenient about what releases lack
-    (momentum weights: copied from the online ones; buffers and optional heads: kept). Returns what
-    was not loaded one to one."""
-    layout = layout_of(model)
-    state, report = conform(state, cfg, source, layout, fresh=fresh)
-    model.load_state_dict(state, strict=False)
-    absent = [k for k in report.missing if layout.is_momentum(k)]
-    if absent:
-        values = model.state_dict()
-        with torch.no_grad():
-            for key in absent:
-                values[key].copy_(values[layout.online_name(key)])
-        report.notes.append(f"{len(absent)} momentum weights absent: copied from the online weights")
-        report.missing = [k for k in report.missing if k not in absent]
-    return report
-
-
-def init_from_checkpoint(model: nn.Module, cfg: Config, path: str, trusted: bool = False) -> Report:
-    """model.init_checkpoint: our file, a released ALBEF file or a training folder, loaded into a
-    freshly built training model of `cfg` (reported on rank 0)."""
-    from . import distributed
-
-    ckpt = read_checkpoint(path, config=cfg, trusted=trusted)
-    report = ckpt.report.then(load_state(model, ckpt.state_dict, cfg, ckpt.source, fresh=ckpt.fresh))
-    if distributed.rank() == 0:
-        print(f"model.init_checkpoint: loaded {ckpt.source} ({ckpt.kind})", flush=True)
-        for line in report.lines():
-            print(f"  {line}", flush=True)
-    return report
+    config name ('base', 'tiny'), a yaml path, a dict or a config object; with
+    `model.init_checkpoint` set, started from that checkpoint's weights (see
+    albef_ds.checkpoint.loading.build_training_model)."""
+    if isinstance(config, ModelConfig):
+        config = Config(model=config)
+    cfg = config if isinstance(config, Config) else load_config(config)
+    return build_training_model(get_task(cfg))
 
 
 def load_model(path: str, config=None, device: Union[str, torch.device] = "cpu",
                tag: Optional[str] = None, trusted: bool = False) -> nn.Module:
     """The inference model (albef_ds.models) of a converted file, a released ALBEF file or a
-    training folder, in eval mode on `device`: its task's, with the online weights only.
-
-    config: None for the config stored with the checkpoint (the shipped `base` config for
-    released files without one), else a shipped name, yaml path, dict, Config or ModelConfig;
-    pos_embed is resized to its resolution. What the file lacks (the MLM head of a fine-tuned
-    release, ...) keeps its initialisation and is reported as a warning. A file holding objects
-    beyond tensors and plain containers is refused unless `trusted` (loading it could run code)."""
-    from .tasks import get_task
-
-    ckpt = read_checkpoint(path, tag=tag, config=config, trusted=trusted)
-    task = get_task(ckpt.config)
-    model = task.build_inference_model(ckpt.config.model.architecture_only())
-    state = prepare(ckpt.state_dict, model_layout(ckpt.config), momentum=False)
-    inference = layout_of(model)
-    result = model.load_state_dict({k: v for k, v in state.items() if k in inference.shapes}, strict=False)
-    report = Report(missing=[k for k in result.missing_keys if k in inference.keys],
-                    notes=list(ckpt.report.notes), unexpected=list(ckpt.report.unexpected))
-    for line in report.lines():
-        warnings.warn(f"{ckpt.source}: {line}", stacklevel=2)
-    return model.to(device).eval()
+    training folder, in eval mode on `device` (see albef_ds.checkpoint.loading.load_inference_model)."""
+    return load_inference_model(path, config=config, device=device, tag=tag, trusted=trusted)

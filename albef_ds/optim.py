@@ -7,7 +7,6 @@ from torch import nn
 
 from .config import TrainConfig
 
-
 ALIGN = 64    # elements: 128 bytes in bf16, a multiple of every GEMM alignment
 
 

@@ -1,6 +1,7 @@
-"""Pictures of what the model sees: Grad-CAM heat maps over images (the sentence's map and one panel
-per word, as ALBEF's figures show them) and the top images of retrieval queries. Drawn with PIL
-alone; heat maps come from albef_ds.models.gradcam.
+"""Pictures of what the model sees, drawn from what they are given: heat maps over images (the
+sentence's map and one panel per word, as ALBEF's figures show them; the maps come from
+albef_ds.eval.heat_maps) and labelled grids of images (retrieval results). Drawn with PIL alone;
+this module reads no data set and runs no model.
 
 The overlay follows ALBEF's visualisation: the map is min-max scaled, resized bicubically to the
 panel, blurred (Gaussian, sigma 2% of the panel's longer side), scaled again, coloured with the
@@ -145,85 +146,11 @@ def save_png(picture: Image.Image, path: str) -> str:
     return path
 
 
-# ---- heat maps of a model ----------------------------------------------------------------------
-
-def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm", max_tokens: int = 30,
-              layer: Optional[int] = None) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
-    """(the sentence's Grad-CAM map [g, g], the words of the cleaned text, a map per word: the mean
-    of its word pieces' maps) of a model with an ITM head. ITC mode has one map per image-text
-    pair: no words then. ValueError for a text that is empty once cleaned, or a bad mode / layer."""
-    from .data.transforms import EvalTransform
-    from .eval.inputs import model_device
-    from .models.gradcam import check_gradcam, default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps
-    from .tokenizer import clean_caption, tokenize
-
-    cleaned = clean_caption(text)
-    if not cleaned:
-        raise ValueError(f"text {text!r} is empty once cleaned (lower case, no punctuation)")
-    layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
-    check_gradcam(model.cfg, mode, layer)
-    device = model_device(model)
-    ids, mask = tokenize(tokenizer, [cleaned], max_tokens)
-    pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        if mode == "itc":
-            return itc_maps(model, pixels, ids.to(device), mask.to(device), layer)[0].cpu(), [], []
-        maps, _ = itm_token_maps(model, pixels, ids.to(device), mask.to(device), layer)
-    finally:
-        model.train(was_training)
-    maps = maps.cpu()
-    pieces = tokenizer(cleaned, add_special_tokens=False, truncation=True, max_length=max_tokens - 1,
-                       return_offsets_mapping=True)
-    positions: dict[int, list[int]] = {}
-    for position, word in enumerate(pieces.word_ids(), start=1):        # position 0 is [CLS]
-        positions.setdefault(word, []).append(position)
-    offsets = pieces["offset_mapping"]
-    words = [cleaned[offsets[p[0] - 1][0]:offsets[p[-1] - 1][1]] for p in positions.values()]
-    return sentence_maps(maps, mask)[0], words, [maps[0, p].mean(0) for p in positions.values()]
-
-
-def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str,
-                        name: str, mode: str = "itm", max_tokens: int = 30, layer: Optional[int] = None) -> list[str]:
-    """For each text, in output_dir: ITM mode `<name>__<text>.png` (the sentence's heat map over the
-    image) and `<name>__<text>_words.png` (one panel per word); ITC mode `<name>__<text>_itc.png`
-    (the sentence's map). Returns the paths."""
-    paths = []
-    for text in texts:
-        sentence, words, maps = heat_maps(model, tokenizer, image, text, mode, max_tokens, layer)
-        stem = os.path.join(output_dir, f"{name}__{slug(text)}")
-        whole = labelled_grid([overlay(image, sentence)], [f"whole sentence ({mode.upper()})"], text)
-        paths.append(save_png(whole, f"{stem}.png" if mode == "itm" else f"{stem}_itc.png"))
-        if mode == "itm":
-            paths.append(save_png(word_panels(image, text, sentence, words, maps), f"{stem}_words.png"))
-    return paths
-
-
-def write_demo_pictures(model, cfg, output_dir: str, count: int = 2) -> list[str]:
-    """The built-in demo's pictures: the word heat maps of the first `count` held-out shapes images
-    with their captions, in `<output_dir>/pictures`. Call on every rank after training (a DeepSpeed
-    engine or a module; the corpus is read from `<output_dir>/synthetic_data`, where the trainer
-    writes it, and under ZeRO-3 the weights are gathered on every rank); rank 0 draws, prints and
-    returns the paths, the other ranks return []."""
-    from . import distributed as dist
-    from .data import shared_synthetic_corpus
-    from .data.samples import decode_image
-    from .engine.zero import inference_model
-    from .eval.retrieval import read_shard_set
-    from .tasks import get_task
-    from .tokenizer import build_tokenizer
-
-    corpora = shared_synthetic_corpus(os.path.join(output_dir, "synthetic_data"), cfg.data.synthetic)["heldout"]
-    model = inference_model(model, get_task(cfg))
-    if dist.rank() != 0:
-        return []
-    data = read_shard_set(corpora, cfg.data.max_words)
-    tokenizer = build_tokenizer(cfg.model.text.tokenizer)
-    folder = os.path.join(output_dir, "pictures")
-    paths = []
-    for i in range(min(count, len(data.images))):
-        paths += write_heat_pictures(model, tokenizer, decode_image(data.images[i]), data.captions[i][:1],
-                                     folder, f"heldout_{i}", max_tokens=cfg.data.max_tokens)
-    print("Grad-CAM pictures of held-out images: " + ", ".join(paths), flush=True)
-    return paths
+def heat_pictures(image: Image.Image, text: str, maps) -> dict[str, Image.Image]:
+    """The pictures of one text's heat maps over an image (`maps`: albef_ds.eval.heat_maps.HeatMaps),
+    by file-name suffix: ITM mode "" (the sentence's map) and "_words" (one panel per word); ITC
+    mode "_itc" (the sentence's map: ITC has no words)."""
+    whole = labelled_grid([overlay(image, maps.sentence)], [f"whole sentence ({maps.mode.upper()})"], text)
+    if maps.mode != "itm":
+        return {f"_{maps.mode}": whole}
+    return {"": whole, "_words": word_panels(image, text, maps.sentence, maps.words, maps.word_maps)}

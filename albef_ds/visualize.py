@@ -15,6 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from albef_ds.cli import INPUT_ERRORS, eval_text_lengths, report_input_error
+from albef_ds.data.samples import IMAGE_EXTENSIONS, decode_image
+from albef_ds.eval.heat_maps import heat_maps
+from albef_ds.hub import load_model
+from albef_ds.models import ALBEF
+from albef_ds.pictures import heat_pictures, save_png, slug
+from albef_ds.tokenizer import build_tokenizer
 
 
 def parse_args(argv=None):
@@ -38,8 +50,6 @@ def parse_args(argv=None):
 
 
 def _images(path: str) -> list[str]:
-    from albef_ds.data.samples import IMAGE_EXTENSIONS
-
     if os.path.isdir(path):
         found = sorted(os.path.join(path, n) for n in os.listdir(path)
                        if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
@@ -61,19 +71,23 @@ def _texts(args) -> list[str]:
     return texts
 
 
+def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str,
+                        name: str, mode: str = "itm", max_tokens: int = 30, layer: Optional[int] = None) -> list[str]:
+    """For each text, in output_dir: ITM mode `<name>__<text>.png` (the sentence's heat map over the
+    image) and `<name>__<text>_words.png` (one panel per word); ITC mode `<name>__<text>_itc.png`
+    (the sentence's map). Returns the paths."""
+    paths = []
+    for text in texts:
+        pictures = heat_pictures(image, text, heat_maps(model, tokenizer, image, text, mode, max_tokens, layer))
+        stem = os.path.join(output_dir, f"{name}__{slug(text)}")
+        paths += [save_png(picture, f"{stem}{suffix}.png") for suffix, picture in pictures.items()]
+    return paths
+
+
 def run(args) -> list[str]:
-    import torch
-
-    import albef_ds
-    from albef_ds.data.samples import decode_image
-    from albef_ds.models import ALBEF
-    from albef_ds.pictures import write_heat_pictures
-    from albef_ds.tasks.retrieval import eval_text_lengths
-    from albef_ds.tokenizer import build_tokenizer
-
     images, texts = _images(args.image), _texts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = albef_ds.load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
+    model = load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, ALBEF):
         raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
     max_tokens, _ = eval_text_lengths(args.config, model)
@@ -91,8 +105,6 @@ def run(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from albef_ds.cli import INPUT_ERRORS, report_input_error
-
     args = parse_args(argv)
     try:
         paths = run(args)

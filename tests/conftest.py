@@ -11,12 +11,6 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 torch.set_num_threads(2)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_engine: runs albef_ds/train.py end to end")
-    config.addinivalue_line("markers", "slow: starts processes (ranks, launchers, a cluster) or trains; "
-                                       "`make test-fast` leaves these out")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -44,3 +38,12 @@ def tiny_pretrained_positions():
     """The tiny ALBEF pretrained to read positions too (`make tiny-pretrained-positions`: sin-cos
     position start, batches of 32): where VQA's learning test starts."""
     return os.path.join(os.path.dirname(__file__), "data", "tiny_pretrained_positions.safetensors")
+
+
+@pytest.fixture(scope="session")
+def grounding_corpus(tmp_path_factory):
+    """A small generated grounding corpus in ALBEF's RefCOCO+ file formats."""
+    from albef_ds.synthetic.grounding import write_grounding_corpus
+
+    return write_grounding_corpus(str(tmp_path_factory.mktemp("grounding")), train_images=12, val_images=4,
+                                  test_images=6, image_size=96, seed=3)

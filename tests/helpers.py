@@ -26,6 +26,39 @@ def random_jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
+def image_bytes(seed: int, fmt: str = "JPEG", size=(40, 30)) -> bytes:
+    """A random image of `size` encoded as `fmt`."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def annotation_dataset(tmp_path):
+    """An ALBEF annotation file over a few images of several formats (one listed twice, one missing)."""
+    import json
+
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "images" / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "images" / "sub" / "b.png").write_bytes(image_bytes(2, "PNG"))
+    (tmp_path / "images" / "c.webp").write_bytes(image_bytes(3, "WEBP"))
+    annotations = [
+        {"image": "a.jpg", "caption": ["a red circle", "one red circle on the left"]},
+        {"image": "sub/b.png", "caption": "a blue square"},
+        {"image": "sub/b.png", "caption": "the blue square"},      # same image again: merged
+        {"image": "c.webp", "caption": ["green stars"]},
+        {"image": "missing.jpg", "caption": "a yellow star"},       # skipped
+    ]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(annotations))
+    return ann
+
+
 def forward(model, images, ids, mask, alpha=0.0, generator=None, image_ids=None, **kwargs) -> dict:
     """The contrastive training model's loss and metrics as one dict, its queue write committed
     (as the trainer does after a micro-batch)."""
@@ -72,6 +105,70 @@ def global_batches(cfg, rank, world, start=0):
         part = slice(rank * b, (rank + 1) * b)
         yield {"image": images[part], "input_ids": ids[part], "attention_mask": mask[part]}
         step += 1
+
+
+def shapes_run_config(folder) -> str:
+    """A yaml config over `tiny` that trains on the shapes corpus of tiny's data.synthetic section,
+    written into `folder`, and evaluates on its held-out split: a corpus on disk that train.py reads
+    as it reads any other (albef_ds/demo.py writes the same one into its output folder)."""
+    import json
+
+    from albef_ds.synthetic.shapes import write_synthetic_corpus
+
+    corpora = write_synthetic_corpus(os.path.join(folder, "shapes"), load_config("tiny").data.synthetic)
+    path = os.path.join(folder, "shapes.yaml")
+    with open(path, "w") as f:
+        json.dump({"base": "tiny", "data": {"corpora": corpora["train"]},
+                   "eval": {"data": [p for corpus in corpora["heldout"] for p in corpus["shards"]]}}, f)
+    return path
+
+
+def shapes_set(n_images, seed=0, keep_meta=True):
+    """A small in-memory retrieval set of rendered shapes, one to three captions per image."""
+    import io
+    import random
+
+    from albef_ds.eval.retrieval import RetrievalSet
+    from albef_ds.synthetic.shapes import ALL_ATTRIBUTES, caption, render
+
+    rng = random.Random(seed)
+    attributes = rng.sample(ALL_ATTRIBUTES, n_images)
+    images, captions = [], []
+    for i, attrs in enumerate(attributes):
+        png = io.BytesIO()
+        render(attrs, 64, rng).save(png, format="PNG")
+        images.append(png.getvalue())
+        captions.append([caption(attrs, rng) for _ in range(1 + i % 3)])
+    meta = [{"attributes": a} for a in attributes] if keep_meta else [{} for _ in attributes]
+    return RetrievalSet(images, captions, [f"img{i}" for i in range(n_images)], meta)
+
+
+def tiny_model(seed=0):
+    """The tiny config's pretraining model (ALBEF with its momentum copies), randomly initialised."""
+    from albef_ds.hub import build_model
+
+    torch.manual_seed(seed)
+    return build_model(tiny_model_config()).eval()
+
+
+def png_size(path):
+    """(width, height) of a PNG file, after checking its signature and that it decodes."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def tiny_albef(seed=0):
+    """The tiny config's ALBEF, randomly initialised from `seed`, in eval mode."""
+    from albef_ds.models import ALBEF
+
+    torch.manual_seed(seed)
+    return ALBEF(tiny_model_config()).eval()
 
 
 def tiny_model_config(**overrides):

@@ -1,12 +1,13 @@
 """Training benchmark: throughput, step-time split, per-rank memory, FLOPs and MFU.
 
-One rank:   python tools/bench.py --config base --stage 2 --batch 4
+One rank:   python tools/bench.py --config base --stage 2 --batch 4   (--stage 0: no ZeRO, fp32 on CPU)
 N ranks:    deepspeed --num_gpus N tools/bench.py --config base --stage 3 --batch 4
 GPU:        python tools/bench.py --config base --stage 2 --batch 64 --peak_tflops 989
 Baseline:   ... --baseline   (the public implementation's setting: fp32, TF32 off, plain (math)
             attention, torch.optim.AdamW instead of DeepSpeed's fused Adam)
 
-Runs the real Trainer on two random in-memory batches (the data loader has its own benchmark,
+Runs the real Trainer, with the DeepSpeed config train.py reads (ds_configs/), on two random
+in-memory batches (the data loader has its own benchmark,
 tools/bench_data.py): `--warmup` steps, then `--steps` of the Trainer's training steps, as
 train.py runs them (samples/s, peak memory, bytes exchanged), then `--split_steps` of the same
 steps with the device synchronised at each phase boundary (Trainer.train_step's phases: the step
@@ -23,11 +24,14 @@ import resource
 import time
 
 import torch
+import torch.distributed as tdist
 
 from albef_ds import distributed as dist
-from albef_ds.config import load_config
-from albef_ds.data.synthetic import random_batch
+from albef_ds.config import apply_overrides, load_config
+from albef_ds.distributed import traffic
+from albef_ds.engine import Trainer
 from albef_ds.flops import train_flops_per_sample
+from albef_ds.synthetic.batches import random_batch
 from albef_ds.tasks.momentum import local_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +51,10 @@ def parse_args():
     ap.add_argument("--baseline", action="store_true", help="optimisations off (see module doc)")
     ap.add_argument("--torch_fused_adam", action="store_true",
                     help="torch's fused AdamW instead of DeepSpeed's (where its JIT build is impossible)")
-    ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
-                    help="set a DeepSpeed config entry, e.g. bf16.check_grad_overflow=false (repeatable)")
+    ap.add_argument("--deepspeed", default=None, metavar="JSON",
+                    help="DeepSpeed config (default: ds_configs/zero<stage>.json, what train.py runs with)")
+    ap.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a DeepSpeed config entry, e.g. bf16.check_grad_overflow=true (repeatable)")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the accelerator's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -56,32 +62,21 @@ def parse_args():
     return ap.parse_args()
 
 
-def ds_config(stage: int, baseline: bool, gpu: bool, client_optimizer: bool) -> dict:
-    ds = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-          "bf16": {"enabled": gpu and not baseline}, "steps_per_print": 10**9}
-    if stage > 0:
-        # as ds_configs/: ZeRO-1 reduces all gradients after the backward pass (no per-parameter
-        # hooks, which cost more than they save on one node), ZeRO-2 as they are produced, with
-        # the Trainer's choice by world size of the two "auto" entries (albef_ds/engine/ds_config.py)
-        reduction = {1: {"overlap_comm": False, "contiguous_gradients": False},
-                     2: {"overlap_comm": "auto", "contiguous_gradients": "auto"},
-                     3: {"overlap_comm": False, "contiguous_gradients": True}}[stage]
-        ds["zero_optimization"].update(**reduction, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+def ds_config(args, client_optimizer: bool) -> dict:
+    """The DeepSpeed config a user trains with: --deepspeed (default ds_configs/zero<stage>.json;
+    stage 0 reads zero1.json at stage 0), with the --ds entries set by the config's own override
+    code (values in YAML, which JSON is part of)."""
+    path = args.deepspeed or os.path.join(ROOT, "ds_configs", f"zero{max(args.stage, 1)}.json")
+    with open(path) as f:
+        ds = json.load(f)
+    entries = [f"zero_optimization.stage={args.stage}"]
+    if args.baseline:
+        entries.append("bf16.enabled=false")
     if client_optimizer:
-        ds["zero_allow_untested_optimizer"] = True
-    else:
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
-    return ds
-
-
-def set_entries(ds: dict, entries: list[str]) -> dict:
-    for entry in entries:
-        key, _, value = entry.partition("=")
-        *sections, name = key.split(".")
-        node = ds
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = json.loads(value)
+        entries.append("zero_allow_untested_optimizer=true")
+    ds = apply_overrides(ds, entries + args.ds)
+    if client_optimizer:
+        ds.pop("optimizer", None)
     return ds
 
 
@@ -133,13 +128,11 @@ def main() -> None:
         while True:
             yield from fixed
 
-    from albef_ds.engine import Trainer
-
     def torch_adamw(groups):
         return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=args.torch_fused_adam or None)
 
     client_optimizer = torch_adamw if args.baseline or args.torch_fused_adam else None
-    ds = set_entries(ds_config(args.stage, args.baseline, gpu, client_optimizer is not None), args.ds)
+    ds = ds_config(args, client_optimizer is not None)
     trainer = Trainer(cfg, ds, os.path.join(ROOT, "output", "bench"), batches=batches(),
                       client_optimizer=client_optimizer)
     engine = trainer.engine
@@ -169,8 +162,6 @@ def main() -> None:
     timer = Timer(gpu)
 
     # Time inside collectives (waiting included), by wrapping torch.distributed's entry points.
-    import torch.distributed as tdist
-
     comm_time = {"s": 0.0}
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                  "all_to_all_single", "broadcast", "reduce_scatter", "all_gather_object", "barrier"):
@@ -189,8 +180,6 @@ def main() -> None:
     data = iter(trainer.batches)
     attention = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if args.baseline
                  else contextlib.nullcontext())
-    from albef_ds.distributed import traffic
-
     def training_step() -> dict:
         return trainer.train_step(data)[0]
 
@@ -319,6 +308,7 @@ def print_table(results) -> None:
     for i, x in enumerate(results):
         print(f"{i:>4} " + " ".join(f"{x['rank_bytes'][c] / scale:>18.3f}" for c in columns)
               + f" {x['peak_memory_bytes'] / 2**30:>15.2f}")
+
 
 if __name__ == "__main__":
     main()

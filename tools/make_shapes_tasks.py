@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Writes the generated corpora of the classification tasks in ALBEF's annotation formats:
-NLVR-shapes (albef_ds/data/synthetic_nlvr.py) and VE-shapes (albef_ds/data/synthetic_ve.py), each
+NLVR-shapes (albef_ds/synthetic/nlvr.py) and VE-shapes (albef_ds/synthetic/ve.py), each
 with a copy of its train file whose images are shuffled between entries (the text-only baseline).
 
     python tools/make_shapes_tasks.py --out output/shapes_tasks
@@ -16,9 +16,9 @@ import os
 
 from albef_ds.cli import report_input_error
 from albef_ds.config import ConfigError
-from albef_ds.data.synthetic_labelled import write_shuffled_images
-from albef_ds.data.synthetic_nlvr import write_nlvr_shapes
-from albef_ds.data.synthetic_ve import write_ve_shapes
+from albef_ds.synthetic.labelled import write_shuffled_images
+from albef_ds.synthetic.nlvr import write_nlvr_shapes
+from albef_ds.synthetic.ve import write_ve_shapes
 
 
 def write_shapes_tasks(out: str, train: int = 4000, heldout: int = 400, seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ import sys
 
 from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError, SyntheticConfig, load_config
-from albef_ds.data import write_synthetic_corpus
+from albef_ds.synthetic.shapes import write_synthetic_corpus
 
 
 def main(argv=None) -> int:

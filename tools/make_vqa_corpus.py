@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Writes the generated VQA corpus of shapes (albef_ds.data.synthetic_vqa) and prints the
+"""Writes the generated VQA corpus of shapes (albef_ds.synthetic.vqa) and prints the
 overrides that train and evaluate the tiny VQA recipe on it:
 
     python tools/make_vqa_corpus.py --out /tmp/vqa_shapes
@@ -17,7 +17,7 @@ import sys
 
 from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError
-from albef_ds.data.synthetic_vqa import shuffle_images, write_vqa_corpus
+from albef_ds.synthetic.vqa import shuffle_images, write_vqa_corpus
 
 
 def overrides(corpus: dict, train: str, vg: str) -> str:

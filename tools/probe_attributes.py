@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What a pretrained model reads from the image, per attribute of the shapes corpus
-(albef_ds.eval.shapes_probe.attribute_probe): for each held-out caption, the word of one attribute
+(albef_ds.synthetic.probe.attribute_probe): for each held-out caption, the word of one attribute
 (colour, shape, count, size, position) is masked and the MLM head picks among that attribute's
 words; once with the caption's own image, once with another held-out image. The second is what
 the caption's words alone tell; the gap is what the model sees.
@@ -19,10 +19,10 @@ import torch
 from albef_ds import load_model
 from albef_ds.cli import INPUT_ERRORS, report_input_error
 from albef_ds.config import SyntheticConfig
-from albef_ds.data.synthetic import write_synthetic_corpus
 from albef_ds.eval.retrieval import read_shard_set
-from albef_ds.eval.shapes_probe import attribute_probe
-from albef_ds.io import atomic_write
+from albef_ds.fileio import atomic_write
+from albef_ds.synthetic.probe import attribute_probe
+from albef_ds.synthetic.shapes import write_synthetic_corpus
 from albef_ds.tokenizer import build_tokenizer
 
 

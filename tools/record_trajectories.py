@@ -6,7 +6,7 @@
 
 Two runs of the tiny config on a small generated corpus, 2 ranks, ZeRO-2, fixed seed, 30 steps each:
 pretraining (ITC + ITM + MLM, momentum distillation on) and retrieval fine-tuning (ITC + ITM with
-image ids). Writes every step's losses (rank 0). tests/test_trajectories.py runs this command and
+image ids). Writes every step's losses (rank 0). tests/integration/test_trajectories.py runs this command and
 compares its output with the recorded file: a restructuring that changes any number fails it.
 Re-record only in a commit of its own that says which change of behaviour moved the numbers.
 """
@@ -17,6 +17,8 @@ import sys
 
 from albef_ds import distributed as dist
 from albef_ds.config import load_config
+from albef_ds.engine import Trainer
+from albef_ds.synthetic.shapes import with_generated_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -29,10 +31,9 @@ RECORDED = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
 
 def record(name: str, work_dir: str) -> list:
-    from albef_ds.engine import Trainer
-
     out = os.path.join(work_dir, name)
-    trainer = Trainer(load_config("tiny", COMMON + RUNS[name]), os.path.join(ROOT, "ds_configs", "zero2.json"), out)
+    cfg = with_generated_corpus(load_config("tiny", COMMON + RUNS[name]), out)
+    trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"), out)
     code = trainer.train()
     trainer.close()
     if code != 0:

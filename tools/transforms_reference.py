@@ -1,6 +1,6 @@
 """REFERENCE ONLY: the PIL-based image transforms the library used before the uint8 path
 (albef_ds/data/transforms.py as of the commit before it), kept verbatim as the "today's path" that
-tools/bench_data.py times side by side with the library's and that tests/test_data_transforms.py
+tools/bench_data.py times side by side with the library's and that tests/unit/test_data_pixels.py
 compares the library's output with, for the same draws. Nothing in albef_ds imports it.
 
 Image transforms of the ALBEF pretraining recipe, on PIL images with torchvision.transforms.v2 ops.

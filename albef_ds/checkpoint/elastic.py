@@ -22,10 +22,11 @@ import io
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
-from ..io import torch_load
+from ..fileio import torch_load
 from .layout import model_layout
 from .training import merge_momentum, rank_file, read_run_info
 
@@ -135,9 +136,10 @@ def universal_folder(ckpt_dir: str, tag: str) -> str:
     return folder
 
 
-def load(engine, ckpt_dir: str, plan: ResumePlan, momentum, layout) -> tuple[dict, dict, list]:
-    """Loads a checkpoint saved on plan.saved_world ranks into this run (every rank calls it):
-    returns (client state, this rank's RNG states, every saved rank's data position)."""
+def load(engine, ckpt_dir: str, plan: ResumePlan, momentum, layout, shared: Mapping, per_rank: Mapping) -> None:
+    """Loads a checkpoint saved on plan.saved_world ranks into this run (every rank calls it): the
+    shared stateful parts as saved, the per-rank ones taken over from every saved rank's states
+    (`take_over`)."""
     folder = universal_folder(ckpt_dir, plan.tag)
     path, client_state = engine.load_checkpoint(folder, tag=UNIVERSAL)
     if path is None:
@@ -146,5 +148,7 @@ def load(engine, ckpt_dir: str, plan: ResumePlan, momentum, layout) -> tuple[dic
     partitioned = "momentum" in states[-1] and plan.saved_world > 1
     whole = merge_momentum(folder, plan.saved_world, partitioned, layout, trusted=True)
     momentum.load_whole([whole[name] for name in layout.momentum_names])
-    rank_state = states[distributed.rank() % plan.saved_world]
-    return client_state, rank_state, [s["data"] for s in states]
+    for part in shared.values():
+        part.load_state_dict(client_state)
+    for name, part in per_rank.items():
+        part.take_over([s[name] for s in states])

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig, load_config
-from ..io import ConversionError, atomic_write, check_readable, is_safetensors, torch_load
+from ..fileio import ConversionError, atomic_write, check_readable, is_safetensors, torch_load
+from ..tasks import get_task, recognise_release
 from .layout import Layout, Report, conform, model_layout, with_aliases
 from .released import from_released, to_released
 from .training import read_training, stored_config
@@ -77,8 +80,6 @@ def read_checkpoint(path: str, tag: Optional[str] = None, config=None, trusted: 
     `config` (see _target_config); by default the config stored with the checkpoint, or the base
     config of the recognised task for released files that carry none. Files are unpickled
     weights-only: one that holds other objects is refused unless `trusted` (io.torch_load)."""
-    from ..tasks import get_task
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConversionError(f"'{path}': no such file or folder")
@@ -102,8 +103,6 @@ def read_checkpoint(path: str, tag: Optional[str] = None, config=None, trusted: 
 def _read_file(path: str, trusted: bool):
     check_readable(path)
     if is_safetensors(path):
-        from safetensors import safe_open
-
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
@@ -128,8 +127,6 @@ def _read_file(path: str, trusted: bool):
 
 
 def _released(state, config_values, path: str):
-    from ..tasks import recognise_release
-
     tensors = (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
                and all(isinstance(k, str) for k in state))
     task = recognise_release(set(state)) if tensors else None
@@ -175,8 +172,6 @@ def save_albef_ds(path: str, state: dict, config: Config, layout: Layout) -> Non
     plain load_state_dict."""
     config_dict = architecture_config(config).to_dict()
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
         aliases = {a: t for a, t in layout.aliases.items() if t in tensors}
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config_dict),
@@ -191,8 +186,6 @@ def save_albef_ds(path: str, state: dict, config: Config, layout: Layout) -> Non
 def save_released(path: str, state: dict, config: Config, layout: Layout) -> None:
     """The released ALBEF layout of the config's task, {"model": state_dict}; our config rides
     along under "albef_ds_config" (ALBEF's loaders read only "model")."""
-    from ..tasks import get_task
-
     _check_released_name(path)
     obj = {"model": to_released(state, layout, get_task(config).released_text_parts),
            CONFIG_ENTRY: architecture_config(config).to_dict()}

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..config import Config, ModelConfig
-from ..io import ConversionError
+from ..fileio import ConversionError
 from ..models.vit import resize_pos_embed
+from ..tasks import get_task
 from ..tasks.momentum import NO_IMAGE_ID, momentum_parameter_pairs
 
 # Heads that fine-tuned releases drop: missing from a file, they keep the model's initialisation.
@@ -74,8 +75,6 @@ def model_layout(cfg: Union[Config, ModelConfig]) -> Layout:
     """The layout of the training model that `cfg` describes (its task's; a ModelConfig alone:
     pretraining), from a model built on the meta device (no memory, no initialisation, well under
     a second for the base model)."""
-    from ..tasks import get_task
-
     cfg = cfg if isinstance(cfg, Config) else Config(model=cfg)
     with torch.device("meta"):
         return layout_of(get_task(cfg).build_model(cfg.model.architecture_only()))
@@ -92,10 +91,10 @@ class Report:
         out = list(self.notes)
         if self.missing:
             out.append(f"{len(self.missing)} keys absent from the checkpoint (a model loading it keeps "
-                       f"its own): {_some(self.missing)}")
+                       f"its own): {some(self.missing)}")
         if self.unexpected:
             out.append(f"{len(self.unexpected)} keys of the checkpoint unknown to the model, ignored: "
-                       + _some(self.unexpected))
+                       + some(self.unexpected))
         return out
 
     def then(self, later: "Report") -> "Report":
@@ -104,7 +103,8 @@ class Report:
                       notes=self.notes + later.notes)
 
 
-def _some(keys, n: int = 6) -> str:
+def some(keys, n: int = 6) -> str:
+    """The first `n` of `keys`, and how many more: for messages that name what is missing."""
     keys = list(keys)
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
 
@@ -162,7 +162,7 @@ def conform(state: dict, cfg: Config, source: str, layout: Optional[Layout] = No
             if not (layout.is_momentum(k) or k in layout.buffers or layout.is_optional_head(k)
                     or k.startswith(fresh))]
     if core:
-        raise ConversionError(f"{source} lacks {len(core)} weights of the model: {_some(core)}")
+        raise ConversionError(f"{source} lacks {len(core)} weights of the model: {some(core)}")
     return state, report
 
 

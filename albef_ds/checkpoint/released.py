@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tasks.momentum import NO_IMAGE_ID
 from .layout import Layout, with_aliases
 
 POSITION_IDS = "embeddings.position_ids"
@@ -36,8 +37,6 @@ def to_released(state: dict, layout: Layout, text_parts: dict, keep_empty_idx_qu
     """Our state dict -> the released layout: tied copies present, 0-d temp, position_ids added,
     `bert.` and the unused MLM head dropped from the parts released as BertModels, and idx_queue
     left out when it holds no image ids (as in the pretraining release)."""
-    from ..tasks.momentum import NO_IMAGE_ID
-
     out = {}
     for key, value in with_aliases(state, layout).items():
         prefix = next((p for p in text_parts if key.startswith(p)), None)

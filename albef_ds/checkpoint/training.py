@@ -11,9 +11,11 @@ Layout under `checkpoints/`:
     latest                   the newest complete tag; moved only after every rank finished writing
     best.json                {"tag", "metric", "value"} of the best evaluation
 
-The client state of DeepSpeed's model-states file holds the trainer's counters, the task's
-checkpoint buffers (queues, fp32) and the config. A save that dies half-way leaves `latest` on the
-previous tag, which stays loadable. The newest `keep_last` tags are kept.
+The client state of DeepSpeed's model-states file holds the shared stateful parts (the trainer's
+counters, the task's checkpoint buffers: albef_ds.engine.state), each rank's file its per-rank
+parts (RNG, data position) and the momentum model (the momentum model is saved here, beside
+DeepSpeed's engine, because it is sharded like the online weights). A save that dies half-way
+leaves `latest` on the previous tag, which stays loadable. The newest `keep_last` tags are kept.
 
 Consolidation: the online weights are DeepSpeed's fp32 master weights, consolidated by DeepSpeed's
 own `zero_to_fp32`; the momentum weights come from our rank files (fp32, the EMA's training
@@ -22,22 +24,21 @@ precision; ZeRO-3 partitions are merged here); the buffers and the config from t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import math
 import os
-import random
 import re
 import shutil
-from typing import Optional
+from typing import Mapping, Optional
 
-import numpy as np
 import torch
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
-from ..io import ConversionError, atomic_torch_save, atomic_write, check_readable, torch_load
-from .layout import Layout, _some, model_layout
+from ..fileio import ConversionError, atomic_torch_save, atomic_write, check_readable, torch_load
+from .layout import Layout, model_layout, some
 
 LATEST = "latest"
 BEST = "best.json"
@@ -66,41 +67,25 @@ DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 
 
 def deepspeed_state_classes() -> tuple:
-    import importlib
-
     return tuple(getattr(importlib.import_module(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
                  for name in DEEPSPEED_STATE_CLASSES)
 
 
-def rng_state() -> dict:
-    """Every RNG's state in tensors and plain containers (a rank file loads weights-only)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                          has_gauss, gauss),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save(engine, ckpt_dir: str, step: int, client_state: dict, rank_state: dict, momentum, keep_last: int,
+def save(engine, ckpt_dir: str, step: int, shared: Mapping, per_rank: Mapping, momentum, keep_last: int,
          run_info: dict) -> str:
-    """Saves on every rank (a collective); returns the tag. `run_info`: {"world_size",
-    "batch_size", "grad_accum", "config"}, written by rank 0 as run.json."""
+    """Saves on every rank (a collective); returns the tag. `shared` / `per_rank`: the stateful
+    parts by name (albef_ds.engine.state); the shared parts' states together form DeepSpeed's
+    client state, the per-rank ones this rank's file. `run_info`: {"world_size", "batch_size",
+    "grad_accum", "config"}, written by rank 0 as run.json."""
     tag = tag_for(step)
+    client_state = {}
+    for part in shared.values():
+        client_state.update(part.state_dict())
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     rank = distributed.rank()
+    rank_state = {name: part.state_dict() for name, part in per_rank.items()}
     if momentum.partitioned() or rank == 0:
-        rank_state = {**rank_state, "momentum": momentum.local_state()}
+        rank_state["momentum"] = momentum.local_state()
     atomic_torch_save(rank_state, rank_file(os.path.join(ckpt_dir, tag), rank))
     if rank == 0:
         atomic_write(os.path.join(ckpt_dir, tag, RUN_INFO), lambda tmp: open(tmp, "w").write(json.dumps(run_info)))
@@ -160,9 +145,9 @@ def read_run_info(ckpt_dir: str, tag: str) -> dict:
                           f"{exc}") from None
 
 
-def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
+def load(engine, ckpt_dir: str, tag: str, momentum, shared: Mapping, per_rank: Mapping) -> None:
     """Loads a tag saved by as many ranks as this run has (checked by
-    albef_ds.checkpoint.elastic.check_resumable) on every rank; returns (client_state, this rank's state)."""
+    albef_ds.checkpoint.elastic.check_resumable) on every rank, the stateful parts too."""
     folder = os.path.join(ckpt_dir, tag)
     own_file = rank_file(folder, distributed.rank())
     if not os.path.isfile(own_file):
@@ -174,7 +159,10 @@ def load(engine, ckpt_dir: str, tag: str, momentum) -> tuple[dict, dict]:
     momentum_file = own_file if momentum.partitioned() else rank_file(folder, 0)
     values = rank_state["momentum"] if "momentum" in rank_state else torch_load(momentum_file)["momentum"]
     momentum.load_local_state(values)
-    return client_state, rank_state
+    for part in shared.values():
+        part.load_state_dict(client_state)
+    for name, part in per_rank.items():
+        part.load_state_dict(rank_state[name])
 
 
 # ---- consolidation: a training folder as one state dict --------------------------------------------
@@ -232,10 +220,18 @@ def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -
                               f"({' or '.join(candidates)})")
     allowed = deepspeed_state_classes()
     states = torch_load(states_file, trusted, allowed)
-    if not isinstance(states, dict) or "config" not in states:
-        raise ConversionError(f"{states_file} holds no 'config' in its client state: not written by the "
+    if not isinstance(states, dict) or "step" not in states:
+        raise ConversionError(f"{states_file} holds no trainer state in its client state: not written by the "
                               "ALBEF-DS trainer")
-    cfg = stored_config(states["config"], states_file)
+    run_info = os.path.join(folder, RUN_INFO)
+    if os.path.isfile(run_info):
+        try:
+            with open(run_info) as f:
+                cfg = stored_config(json.load(f).get("config"), run_info)
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"cannot read {run_info}: {exc}") from None
+    else:      # written before run.json existed: the config was in the client state
+        cfg = stored_config(states.get("config"), states_file)
     stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     world = int(states.get("dp_world_size") or 1)
     layout = model_layout(cfg)
@@ -281,7 +277,7 @@ def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -
             raise ConversionError(f"{source}: the consolidated weights lack '{key}'")
     extra = [k for k in online if k not in layout.shapes]
     if extra:
-        raise ConversionError(f"{source}: weights the saved config's model lacks: {_some(extra)}")
+        raise ConversionError(f"{source}: weights the saved config's model lacks: {some(extra)}")
     return state, cfg, source
 
 

@@ -2,19 +2,20 @@
 the momentum EMA, the data stream, the evaluator), in the order that makes a run reproducible."""
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
 from .. import distributed as dist
+from ..checkpoint.loading import build_training_model
 from ..config import Config
-from ..hub import build_model
+from ..data import ShardStream
 from ..models import transformer_layers
 from ..optim import param_groups
+from ..tasks.base import Task
 from ..tasks.momentum import MomentumEMA
+from ..tokenizer import build_tokenizer
 from .preflight import Plan
 
 
@@ -26,28 +27,14 @@ class Parts:
     stream: object                  # the ShardStream behind `batches` (None: batches of the caller's)
     steps_per_epoch: int
     total_steps: int
-    cfg: Config                     # the plan's config, with the generated corpus filled in
+    cfg: Config                     # the plan's config
 
     @property
     def model(self):
         return self.engine.module
 
 
-def with_generated_corpus(cfg: Config, output_dir: str) -> Config:
-    """With no corpora configured, the generated shapes corpus (written once, by rank 0)."""
-    if cfg.data.corpora or cfg.data.synthetic is None:
-        return cfg
-    from ..data import shared_synthetic_corpus
-
-    cfg = copy.deepcopy(cfg)
-    cfg.data.corpora = shared_synthetic_corpus(os.path.join(output_dir, "synthetic_data"), cfg.data.synthetic)["train"]
-    return cfg
-
-
-def build_stream(cfg: Config, task):
-    from ..data import ShardStream
-    from ..tokenizer import build_tokenizer
-
+def build_stream(cfg: Config, task: Task) -> ShardStream:
     codec = task.codec(build_tokenizer(cfg.model.text.tokenizer), train=True)
     return ShardStream(cfg.data, codec, cfg.train.batch_size, dist.rank(), dist.world_size(), cfg.train.seed)
 
@@ -62,7 +49,6 @@ def build(plan: Plan, batches: Optional[Iterable[dict]] = None, steps_per_epoch:
     torch.manual_seed(cfg.train.seed)     # same initial weights and queues on every rank
     stream = None
     if batches is None:
-        cfg = with_generated_corpus(cfg, plan.output_dir)
         stream = batches = build_stream(cfg, plan.task)
     accum = cfg.train.grad_accum
     if steps_per_epoch is None:
@@ -70,7 +56,7 @@ def build(plan: Plan, batches: Optional[Iterable[dict]] = None, steps_per_epoch:
     steps_per_epoch = max(1, steps_per_epoch)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
-    model = build_model(cfg)
+    model = build_training_model(plan.task)
     groups = param_groups(model, cfg.train.weight_decay)
     optimizer = client_optimizer(groups) if client_optimizer is not None else None
     ds = dict(plan.ds_config)

@@ -20,8 +20,10 @@ from ..checkpoint import elastic
 from ..checkpoint import training as ckpt
 from ..checkpoint.elastic import ResumePlan
 from ..config import Config, ConfigError, check_config
+from ..data.shards import resolve_corpora
 from ..tasks import get_task
 from ..tasks.base import Task
+from ..tokenizer import build_tokenizer
 from .ds_config import resolve_ds_config
 
 
@@ -90,8 +92,6 @@ def select_metric(cfg: Config, task: Task) -> str:
 
 def check_tokenizer(cfg: Config) -> None:
     """The tokenizer's special ids and vocabulary agree with model.text."""
-    from ..tokenizer import build_tokenizer
-
     t = cfg.model.text
     tokenizer = build_tokenizer(t.tokenizer)
     ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
@@ -105,13 +105,14 @@ def check_tokenizer(cfg: Config) -> None:
 
 def check_corpora(cfg: Config) -> None:
     """Every configured corpus resolves to shards (or annotation files) with a sample count."""
-    from ..data.shards import resolve_corpora
-
-    if cfg.data.corpora or cfg.data.synthetic is None:
-        try:
-            resolve_corpora(cfg.data.corpora)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"data.corpora: {exc}") from None
+    if not cfg.data.corpora:
+        generated = (": data.synthetic describes a generated corpus, which albef_ds/demo.py writes and trains on"
+                     if cfg.data.synthetic is not None else "")
+        raise ConfigError(f"data.corpora is empty: name the training shards or annotation files{generated}")
+    try:
+        resolve_corpora(cfg.data.corpora)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.corpora: {exc}") from None
 
 
 def _resume_tag(ckpt_dir: str, resume: Optional[str]) -> Optional[str]:

@@ -31,6 +31,7 @@ from . import zero
 from .build import build
 from .log import MetricsLogger
 from .preflight import preflight, select_metric
+from .state import DataPosition, RandomState, TaskBuffers, TrainState
 
 EXIT_REQUEUE = 124      # saved on SIGUSR1: the Slurm template requeues the job
 EXIT_TERMINATED = 143   # saved on SIGTERM
@@ -66,11 +67,12 @@ class Trainer:
         self.device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
         self.clamped = {name: (dict(self.model.named_parameters())[name], bounds)
                         for name, bounds in self.model.clamped_parameters().items()}
-        self.step = 0                 # optimizer steps applied
-        self.micro_seen = 0           # micro-batches drawn, the seed of their masks and negatives
+        self.state = TrainState()
+        # What a checkpoint keeps besides DeepSpeed's engine and the momentum model: parts shared
+        # by the ranks, and each rank's own.
+        self.shared_parts = {"train_state": self.state, "task_buffers": TaskBuffers(self.model)}
+        self.rank_parts = {"rng": RandomState(), "data": DataPosition(self.stream)}
         self.bad_in_row = 0
-        self.bad_total = 0
-        self.best = None              # (metric value, tag) of the best evaluation so far
         self.log = None
         self.agreed_signal = None     # the signal a rank received, once all ranks know it
         self.applied_norm = None      # (step, global gradient norm) of the last applied step
@@ -82,52 +84,33 @@ class Trainer:
     def save(self) -> str:
         """Saves this step's checkpoint, once: a best evaluation on a save step or on the last
         step asks again, with nothing changed since."""
-        if self.saved_step == self.step:
-            return ckpt.tag_for(self.step)
+        step = self.state.step
+        if self.saved_step == step:
+            return ckpt.tag_for(step)
         self._check_applied_norm()
-        buffers = dict(self.model.named_buffers())
-        client = {"step": self.step, "micro_seen": self.micro_seen, "bad_total": self.bad_total,
-                  "best": self.best,
-                  "buffers": {k: buffers[k].detach().cpu() for k in self.model.checkpoint_buffers()},
-                  "config": self.cfg.to_dict()}
-        rank_state = {"rng": ckpt.rng_state(),
-                      "data": self.stream.state_dict() if self.stream is not None else None}
         run_info = {"world_size": dist.world_size(), "batch_size": self.cfg.train.batch_size,
                     "grad_accum": self.cfg.train.grad_accum, "config": self.cfg.to_dict()}
-        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, client, rank_state, self.momentum,
+        tag = ckpt.save(self.engine, self.ckpt_dir, step, self.shared_parts, self.rank_parts, self.momentum,
                         self.cfg.train.keep_last, run_info)
-        self.saved_step = self.step
+        self.saved_step = step
         if dist.rank() == 0:
             print(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}", flush=True)
         return tag
 
     def _resume(self, plan: ResumePlan) -> None:
-        tag = plan.tag
         if plan.elastic:      # saved on another number of ranks
-            client, rank_state, positions = elastic.load(self.engine, self.ckpt_dir, plan, self.momentum,
-                                                         model_layout(self.cfg))
+            elastic.load(self.engine, self.ckpt_dir, plan, self.momentum, model_layout(self.cfg),
+                         self.shared_parts, self.rank_parts)
         else:
-            client, rank_state = ckpt.load(self.engine, self.ckpt_dir, tag, self.momentum)
-        self.step, self.micro_seen, self.bad_total = client["step"], client["micro_seen"], client["bad_total"]
-        # the best as of the resumed step (best.json may name a later tag of an abandoned branch)
-        self.best = client.get("best")
-        self.saved_step = self.step
-        buffers = dict(self.model.named_buffers())
-        for name, value in client["buffers"].items():
-            buffers[name].copy_(value)
-        ckpt.set_rng_state(rank_state["rng"])
-        if self.stream is not None and rank_state["data"] is not None:
-            if plan.elastic:
-                self.stream.resume_from(positions)
-            else:
-                self.stream.load_state_dict(rank_state["data"])
+            ckpt.load(self.engine, self.ckpt_dir, plan.tag, self.momentum, self.shared_parts, self.rank_parts)
+        self.saved_step = self.state.step
         if dist.rank() == 0:
-            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+            print(f"resumed from {os.path.join(self.ckpt_dir, plan.tag)} at step {self.state.step}", flush=True)
 
     # ---- evaluation ----------------------------------------------------------------------
     def _eval_due(self) -> bool:
         every = self.cfg.eval.every_epochs
-        return every > 0 and self.step % (every * self.steps_per_epoch) == 0
+        return every > 0 and self.state.step % (every * self.steps_per_epoch) == 0
 
     def evaluate(self) -> dict:
         """The task's evaluation of the model as it is; a collective: every rank calls it and gets
@@ -139,11 +122,11 @@ class Trainer:
     def _evaluate_and_keep_best(self) -> None:
         metrics = self.evaluate()
         name = select_metric(self.cfg, self.task)
-        self.log.log_eval(self.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        self.log.log_eval(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           getattr(self.evaluator, "headline", None))
-        if self.best is None or metrics[name] > self.best[0]:
+        if self.state.best is None or metrics[name] > self.state.best[0]:
             # set first: the checkpoint being saved records itself as the best
-            self.best = (metrics[name], ckpt.tag_for(self.step))
+            self.state.best = (metrics[name], ckpt.tag_for(self.state.step))
             ckpt.mark_best(self.ckpt_dir, self.save(), name, metrics[name])
 
     # ---- signals -------------------------------------------------------------------------
@@ -174,19 +157,19 @@ class Trainer:
 
     def _micro_step(self, batch: dict, phase) -> Optional[dict]:
         """Forward, and backward unless the loss is non-finite on any rank. Returns the metrics."""
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.micro_seen)
-        self.micro_seen += 1
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.state.micro_seen)
+        self.state.micro_seen += 1
         with phase("forward"):
-            loss, metrics = self.engine(self._to_device(batch), StepContext(self.step, self.steps_per_epoch, generator))
+            loss, metrics = self.engine(self._to_device(batch), StepContext(self.state.step, self.steps_per_epoch, generator))
         with phase("agreement"):
             finite = self._agree(loss)
         if not finite:
             self.bad_in_row += 1
-            self.bad_total += 1
+            self.state.bad_total += 1
             if dist.rank() == 0:
-                print(f"warning: non-finite loss at step {self.step + 1} (batch keys "
+                print(f"warning: non-finite loss at step {self.state.step + 1} (batch keys "
                       f"{list(batch.get('keys', []))[:3]}...), skipped ({self.bad_in_row} in a row, "
-                      f"{self.bad_total} in all)", flush=True)
+                      f"{self.state.bad_total} in all)", flush=True)
             if self.bad_in_row >= self.cfg.train.max_bad_steps:
                 raise RuntimeError(
                     f"{self.bad_in_row} non-finite losses in a row (train.max_bad_steps="
@@ -227,7 +210,7 @@ class Trainer:
             f"skip such steps instead (slower).")
 
     def _set_lr(self) -> float:
-        lr = lr_at(self.step, self.cfg.train, self.steps_per_epoch)
+        lr = lr_at(self.state.step, self.cfg.train, self.steps_per_epoch)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -254,12 +237,12 @@ class Trainer:
         if self.engine.was_step_applied():
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
-                self.applied_norm = (self.step + 1, norm)
+                self.applied_norm = (self.state.step + 1, norm)
             with phase("after_step"):
                 self.momentum.update()
                 for param, bounds in self.clamped.values():
                     zero.clamp_master_(param, *bounds)
-        self.step += 1
+        self.state.step += 1
         return sums, lr, time.perf_counter() - started, waited
 
     def train(self) -> int:
@@ -268,18 +251,18 @@ class Trainer:
         self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
         data = iter(self.batches)
         try:
-            while self.step < self.total_steps:
+            while self.state.step < self.total_steps:
                 sums, lr, elapsed, waited = self.train_step(data)
-                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
                     self._log(sums, lr, elapsed, waited)
                 if self._eval_due():
                     self._evaluate_and_keep_best()
                 received = self.agreed_signal
                 if received:
                     self.save()
-                    self.log.note(f"received {signal.Signals(received).name}: saved at step {self.step}, exiting")
+                    self.log.note(f"received {signal.Signals(received).name}: saved at step {self.state.step}, exiting")
                     return EXIT_REQUEUE if received == signal.SIGUSR1 else EXIT_TERMINATED
-                if self.step % self.cfg.train.save_every == 0 and self.step < self.total_steps:
+                if self.state.step % self.cfg.train.save_every == 0 and self.state.step < self.total_steps:
                     self.save()
             self.save()
             return 0
@@ -320,11 +303,11 @@ class Trainer:
         scalars.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        samples_per_s=global_batch / elapsed, step_time_s=elapsed,
                        data_wait_fraction=waited / elapsed, peak_memory_gb=peak_gb,
-                       nonfinite_skipped=self.bad_total)
+                       nonfinite_skipped=self.state.bad_total)
         if self.stream is not None:
             stats = self.stream.stats()
             counts = torch.tensor([float(stats[k]) for k in sorted(stats)], device=self.device)
             if dist.is_distributed():
                 torch.distributed.all_reduce(counts)
             scalars.update({f"data_skipped/{k}": v for k, v in zip(sorted(stats), counts.tolist())})
-        self.log.log(self.step, scalars)
+        self.log.log(self.state.step, scalars)

@@ -18,6 +18,11 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
+from ..config import ConfigError
+from ..data.labelled import label_id
+from ..data.samples import ERROR_KEY, entry_images, read_shard, sample_images, sample_meta
+from ..data.shards import expand_pattern, read_annotations
+from ..tokenizer import build_tokenizer, clean_caption, tokenize
 from .inputs import model_device, predict_split
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
@@ -39,11 +44,6 @@ def read_labelled_set(data: str, labels: dict, images: int, image_root: Optional
     """An annotation JSON file (paths under image_root) or shard patterns. `keep(i)`: whether to
     keep sample i's image bytes (shards; a rank keeps those it evaluates). Raises LabelError
     (a ValueError) for a label outside `labels`, naming the file and entry."""
-    from ..data.labelled import label_id
-    from ..data.samples import ERROR_KEY, entry_images, read_shard, sample_images, sample_meta
-    from ..data.shards import expand_pattern, read_annotations
-    from ..tokenizer import clean_caption
-
     out = LabelledSet([], [], [], [])
 
     def add(name: str, meta: dict, sources: Optional[list], where: str) -> None:
@@ -90,8 +90,6 @@ def predict(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int,
             split_ranks: Optional[bool] = None) -> torch.Tensor:
     """[n] predicted classes of every sample (CORRUPT where an image could not be decoded), the
     same on every rank of the split."""
-    from ..tokenizer import tokenize
-
     device = model_device(model)
     ids, mask = tokenize(tokenizer, data.sentences, max_tokens)
 
@@ -127,9 +125,6 @@ class ClassificationEvaluator:
     metrics = ("acc",)
 
     def __init__(self, cfg, labels: dict, images: int):
-        from ..config import ConfigError
-        from ..tokenizer import build_tokenizer
-
         e = cfg.eval
         if not e.data:
             raise ConfigError(f"task {cfg.task}'s evaluation needs eval.data (annotation files or shard patterns)")

@@ -10,7 +10,7 @@ the referred object's box is at least 0.5. Accuracy is reported per split (val, 
 Data: ALBEF's `refcoco+_val.json` / `refcoco+_test.json` ([{"image", "text", "ref_id"}]) and the
 proposal file `dets.json` ({str(image_id): [[x, y, w, h, ...], ...]}, in image pixels). Each
 expression's referred box, split and image id come from the entry itself when it has "bbox",
-"split" and "image_id" (the generated corpus, albef_ds.data.synthetic_grounding), else from the
+"split" and "image_id" (the generated corpus, albef_ds.synthetic.grounding), else from the
 REFER folder of the dataset (`refs(unc).p` and `instances.json`, as ALBEF's evaluation reads them).
 Bad samples are skipped and counted: an empty text, an image without proposals, an image that
 cannot be read. See docs/grounding.md.
@@ -27,6 +27,12 @@ from typing import Optional
 import torch
 
 from .. import distributed as dist
+from ..config import ConfigError
+from ..data.samples import decode_image
+from ..data.transforms import EvalTransform
+from ..models import evaluating
+from ..models.gradcam import default_gradcam_layer, gradcam, resize_map
+from ..tokenizer import build_tokenizer, clean_caption, tokenize
 from .inputs import model_device
 
 IOU_THRESHOLD = 0.5
@@ -158,8 +164,6 @@ def read_grounding_set(path: str, proposals: str, image_root: Optional[str] = No
     entries, else from the REFER folder `refer`) and the proposals of `proposals`. Empty texts
     and images without proposals are counted as skipped; an entry whose box or split is nowhere
     is an error naming it."""
-    from ..tokenizer import clean_caption
-
     with open(path) as f:
         entries = json.load(f)
     if not isinstance(entries, list):
@@ -207,9 +211,6 @@ def proposal_baselines(data: GroundingSet) -> dict:
 
 def _load(expressions: list, img_size: int) -> tuple[list, list]:
     """(tensors, (width, height)) of the images that decode; None in both where one does not."""
-    from ..data.samples import decode_image
-    from ..data.transforms import EvalTransform
-
     transform, tensors, sizes = EvalTransform(img_size), [], []
     for e in expressions:
         try:
@@ -232,9 +233,6 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     ([n, 5]: the chosen box x, y, w, h and its IoU per expression in file order, NaN where
     skipped). Call on every rank of the split (default: all ranks of the process group when there
     is one); every rank returns the same."""
-    from ..models.gradcam import default_gradcam_layer, gradcam, resize_map
-    from ..tokenizer import tokenize
-
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     rank, world = dist.work_split(split_ranks)
     device = model_device(model)
@@ -243,9 +241,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     # per split: [correct, seen, heat on the referred box]; the last row's first: unreadable images
     counts = torch.zeros(len(splits) + 1, 3, dtype=torch.float64)
     rows = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in dist.my_batches(n, batch_size, rank, world):
             items = [data.expressions[i] for i in batch]
             tensors, sizes = _load(items, img_size)
@@ -270,8 +266,6 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
         counts = dist.sum_over_split(counts, world, device).cpu()
         local = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64)
         predictions = dist.gather_rows(local.to(device), n, batch_size, world).cpu()
-    finally:
-        model.train(was_training)
     skipped = dict(data.skipped)
     skipped["unreadable_image"] = int(counts[-1, 0])
     seen = counts[:-1, 1].sum().item()
@@ -307,11 +301,9 @@ class GroundingEvaluator:
     metrics = ("acc", "acc_val", "acc_testA", "acc_testB")
     headline = metrics
 
-    def __init__(self, cfg, output_dir: str):
-        from ..config import ConfigError
-        from ..tokenizer import build_tokenizer
-
-        self.cfg, options = cfg, cfg.options
+    def __init__(self, cfg, options, output_dir: str):
+        """`options`: the task's (GroundingOptions: the proposal file, the Grad-CAM mode and layer)."""
+        self.cfg, self.options = cfg, options
         if not cfg.eval.data or not options.dets:
             raise ConfigError("grounding evaluation needs eval.data (ALBEF's refcoco+_val.json / "
                               "refcoco+_test.json) and grounding.dets (the proposal file)")
@@ -325,7 +317,7 @@ class GroundingEvaluator:
         self.tokenizer = build_tokenizer(cfg.model.text.tokenizer)
 
     def __call__(self, model) -> dict:
-        o = self.cfg.options
+        o = self.options
         out = evaluate_grounding(model, self.data, self.tokenizer, self.cfg.model.vision.img_size,
                                  self.cfg.data.max_tokens, o.mode, o.gradcam_layer, self.cfg.eval.batch_size)
         out.pop("predictions")

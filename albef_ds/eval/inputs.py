@@ -7,6 +7,9 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed as dist
+from ..data.samples import decode_image
+from ..data.transforms import EvalTransform
+from ..models import evaluating
 
 
 def model_device(model) -> torch.device:
@@ -19,9 +22,6 @@ def load_images(sources: list, names: list, indices, img_size: int, failed: list
     sources[i] (bytes or a path) decoded and resized for evaluation. An image that cannot be read
     is zeros, its name and error appended to `failed` (and its row in the result to `failed_rows`,
     when given)."""
-    from ..data.samples import decode_image
-    from ..data.transforms import EvalTransform
-
     transform, out = EvalTransform(img_size), []
     for row, i in enumerate(indices):
         source = sources[i]
@@ -60,10 +60,8 @@ def predict_split(model, images: list, img_size: int, batch_size: int,
     rank, world = dist.work_split(split_ranks)
     device = model_device(model)
     n = len(images)
-    was_training = model.training
-    model.eval()
     parts = []
-    try:
+    with evaluating(model):
         for batch in dist.my_batches(n, batch_size, rank, world):
             failed_rows: list[int] = []
             slots = []
@@ -75,7 +73,5 @@ def predict_split(model, images: list, img_size: int, batch_size: int,
             if rows:
                 out[rows] = predict([s[rows].to(device) for s in slots], [batch[k] for k in rows])
             parts.append(out)
-    finally:
-        model.train(was_training)
     local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
     return dist.gather_rows(local, n, batch_size, world).cpu()

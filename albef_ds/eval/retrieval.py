@@ -6,9 +6,8 @@ re-scored by the fusion encoder; the score of a re-ranked pair is its ITM "match
 (itm_logits[:, 1]; `add_sim` adds the similarity, as BLIP does), every other entry is -100.
 
 Data: an ALBEF evaluation JSON (`[{"image": path, "caption": [...]}]`, paths under image_root),
-shard patterns (json "caption" lists keep every caption), or the `synthetic.json` manifest of a
-shapes corpus (its held-out split). The work is split over the ranks and the result is the one a
-single process computes. See docs/retrieval.md.
+or shard patterns (json "caption" lists keep every caption). The work is split over the ranks and
+the result is the one a single process computes. See docs/retrieval.md.
 """
 from __future__ import annotations
 
@@ -20,6 +19,11 @@ from typing import Callable, Optional, Union
 import torch
 
 from .. import distributed as dist
+from ..config import ConfigError
+from ..data.samples import ERROR_KEY, IMAGE_KEYS, read_shard, sample_captions
+from ..data.shards import expand_pattern, group_annotations
+from ..models import evaluating
+from ..tokenizer import build_tokenizer, clean_caption, tokenize
 from .inputs import check_failures, load_images, model_device
 from .recall import RECALL_KEYS, retrieval_metrics
 
@@ -55,15 +59,11 @@ class RetrievalSet:
 
 
 def _clean(captions: list[str], max_words: int) -> list[str]:
-    from ..tokenizer import clean_caption
-
     return [c for c in (clean_caption(c, max_words) for c in captions) if c]
 
 
 def read_json_set(path: str, image_root: Optional[str] = None, max_words: int = 30) -> RetrievalSet:
     """ALBEF's evaluation JSON; an image listed once per caption is merged into one entry."""
-    from ..data.shards import group_annotations
-
     with open(path) as f:
         annotations = json.load(f)
     images, captions, missing = [], [], []
@@ -87,9 +87,6 @@ def read_shard_set(shards: Union[str, list], max_words: int = 30,
     of each. `shards`: a pattern, or a list of patterns or of corpus dicts ({"shards": [...]},
     as write_synthetic_corpus returns). `keep(i)`: whether to keep image i's bytes (default all);
     a rank keeps only the images it encodes. Samples without image or caption are skipped."""
-    from ..data.samples import ERROR_KEY, IMAGE_KEYS, read_shard, sample_captions
-    from ..data.shards import expand_pattern
-
     patterns = [shards] if isinstance(shards, str) else [
         p for item in shards for p in (item["shards"] if isinstance(item, dict) else [item])]
     images, captions, names, meta, skipped = [], [], [], [], 0
@@ -119,12 +116,8 @@ def read_shard_set(shards: Union[str, list], max_words: int = 30,
 
 def read_retrieval_set(data: Union[str, list], image_root: Optional[str] = None, max_words: int = 30,
                        keep: Optional[Callable[[int], bool]] = None) -> RetrievalSet:
-    """An evaluation JSON, a synthetic.json manifest (its held-out split), or shards."""
+    """An evaluation JSON (ALBEF's retrieval files), or shard patterns."""
     if isinstance(data, str) and data.endswith(".json"):
-        with open(data) as f:
-            content = json.load(f)
-        if isinstance(content, dict) and "heldout" in content:
-            return read_shard_set(content["heldout"], max_words, keep)
         return read_json_set(data, image_root, max_words)
     return read_shard_set(data, max_words, keep)
 
@@ -140,8 +133,6 @@ def encode_set(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: 
                batch_size: int = 64, split_ranks: Optional[bool] = None) -> dict:
     """Features of every image and text (gathered on every rank), this rank's image embeddings,
     and the tokens of all texts."""
-    from ..tokenizer import tokenize
-
     rank, world = dist.work_split(split_ranks)
     device = model_device(model)
     texts = data.texts
@@ -218,13 +209,9 @@ def evaluate_retrieval(model, data: RetrievalSet, tokenizer, img_size: int, max_
     ITC-only ones under "itc_*". Call on every rank of the split (default: all ranks of the process
     group when there is one); every rank returns the same. return_scores: also "scores" =
     (score_i2t, score_t2i, sims)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         encoded = encode_set(model, data, tokenizer, img_size, max_tokens, batch_size, split_ranks)
         score_i2t, score_t2i, sims = rerank_scores(model, encoded, k_test, batch_size, add_sim, split_ranks)
-    finally:
-        model.train(was_training)
     out = retrieval_metrics(score_i2t, score_t2i, data.txt2img, data.img2txt)
     out.update({f"itc_{k}": v for k, v in retrieval_metrics(sims, sims.t(), data.txt2img, data.img2txt).items()})
     out.update(images=len(data.images), texts=len(data.texts), k_test=k_test)
@@ -233,53 +220,19 @@ def evaluate_retrieval(model, data: RetrievalSet, tokenizer, img_size: int, max_
     return out
 
 
-def write_top_images(data: RetrievalSet, score_t2i: torch.Tensor, output_dir: str, queries: int,
-                     k: int = 5) -> list[str]:
-    """Pictures of the k best-scored images of `queries` text queries spread evenly over the set
-    (score_t2i [texts, images], as evaluate_retrieval returns it): the query as title, each image
-    with its rank and score, the query's own image framed in green. Needs every image's bytes
-    (or path). Returns the PNG paths."""
-    from PIL import ImageOps
-
-    from ..data.samples import decode_image
-    from ..pictures import PANEL, labelled_grid, save_png, slug
-
-    texts, txt2img = data.texts, data.txt2img
-    picks = sorted({round(i * (len(texts) - 1) / max(1, queries - 1)) for i in range(min(queries, len(texts)))})
-    paths = []
-    for t in picks:
-        scores, top = score_t2i[t].topk(min(k, score_t2i.shape[1]))
-        panels = [ImageOps.pad(decode_image(data.images[i]), (PANEL, PANEL), color="white") for i in top.tolist()]
-        labels = [f"{r + 1}: " + (f"{s:.2f}" if s != NOT_RERANKED else "not re-ranked")
-                  for r, s in enumerate(scores.tolist())]
-        frames = ["#20a020" if i == txt2img[t] else None for i in top.tolist()]
-        title = f"{texts[t]}   (own image {'framed' if txt2img[t] in top.tolist() else f'not in the top {k}'})"
-        picture = labelled_grid(panels, labels, title, bar=False, outlines=frames, columns=k)
-        paths.append(save_png(picture, os.path.join(output_dir, f"query{t:05d}_{slug(texts[t])}.png")))
-    return paths
-
-
 class RetrievalEvaluator:
-    """The retrieval evaluation of a training run: eval.data (or the held-out split of the
-    generated corpus), read when the run starts: a missing or unreadable set is a ConfigError then,
-    not an epoch in. A collective: every rank calls it with the model and gets the same metrics."""
+    """The retrieval evaluation of a training run: eval.data, read when the run starts: a missing or
+    unreadable set is a ConfigError then, not an epoch in. A collective: every rank calls it with
+    the model and gets the same metrics."""
     metrics = RETRIEVAL_METRICS
     headline = RECALL_KEYS
 
     def __init__(self, cfg, output_dir: str):
-        from ..config import ConfigError
-        from ..tokenizer import build_tokenizer
-
         self.cfg = cfg
         e = cfg.eval
-        if e.data:
-            source = e.data[0] if len(e.data) == 1 else e.data
-        elif cfg.data.synthetic is not None:
-            from ..data import shared_synthetic_corpus
-
-            source = shared_synthetic_corpus(os.path.join(output_dir, "synthetic_data"), cfg.data.synthetic)["heldout"]
-        else:
-            raise ConfigError("evaluation needs eval.data (there is no generated corpus to take the held-out split of)")
+        if not e.data:
+            raise ConfigError("evaluation needs eval.data (an evaluation JSON with eval.image_root, or shards)")
+        source = e.data[0] if len(e.data) == 1 else e.data
         try:
             # this rank keeps the bytes of the images it encodes
             self.data = read_retrieval_set(source, e.image_root or None, cfg.data.max_words,

@@ -18,9 +18,11 @@ from typing import Optional, Union
 import torch
 
 from .. import distributed as dist
+from ..config import ConfigError
 from ..data.shards import read_annotations
 from ..data.vqa import TEST_KEYS, answer_tokens, check_entries, clean_question
-from ..io import atomic_write
+from ..fileio import atomic_write
+from ..tokenizer import build_tokenizer, tokenize
 from .inputs import model_device, predict_split
 from .vqa import accuracy_metrics
 
@@ -82,9 +84,6 @@ def read_vqa_inputs(data: Union[str, list], image_root: Optional[str], answer_li
     """(the questions, the answer list, the tokenizer) of an evaluation; a file that is missing or
     malformed is a ConfigError naming the option that gave it (`data_option`, `list_option`).
     `training`: the evaluation of a training run, which needs the annotators' answers."""
-    from ..config import ConfigError
-    from ..tokenizer import build_tokenizer
-
     try:
         questions = read_vqa_set(data, image_root)
     except (OSError, ValueError) as exc:
@@ -101,8 +100,6 @@ def read_vqa_inputs(data: Union[str, list], image_root: Optional[str], answer_li
 
 def question_tokens(tokenizer, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`[CLS] words`, padded to the longest question (ALBEF does not truncate them at evaluation)."""
-    from ..tokenizer import tokenize
-
     ids, mask = tokenize(tokenizer, questions, max_length)
     longest = int(mask.sum(1).max())
     return ids[:, :longest], mask[:, :longest]
@@ -160,15 +157,14 @@ class VQAEvaluator:
     metrics = ("acc",)
     headline = ("acc", "acc_yes_no", "acc_number", "acc_other", "skipped")
 
-    def __init__(self, cfg, output_dir: str):
-        from ..config import ConfigError
-
+    def __init__(self, cfg, answer_list: str, output_dir: str):
+        """`answer_list`: the task's vqa.answer_list."""
         self.cfg = cfg
         e = cfg.eval
         if not e.data:
             raise ConfigError("VQA evaluation needs eval.data: VQA annotation files with answers (and eval.image_root)")
         self.data, self.answer_list, self.tokenizer = read_vqa_inputs(
-            e.data, e.image_root or None, cfg.options.answer_list, cfg.model.text.tokenizer, "eval.data",
+            e.data, e.image_root or None, answer_list, cfg.model.text.tokenizer, "eval.data",
             "vqa.answer_list", training=True)
         self.result_file = os.path.join(output_dir, RESULT_FILE)
 

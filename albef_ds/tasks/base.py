@@ -16,14 +16,13 @@ The trainer's loop knows none of them by name.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, ModelConfig
+from ..config import Config, ConfigError, ModelConfig, build_section
 
 
 @dataclass
@@ -76,17 +75,15 @@ class Task:
     select_metric: ClassVar[str] = ""
 
     def __init__(self, cfg: Config):
+        """Raises ConfigError for options of the wrong name or type (the task's section of the config)."""
         self.cfg = cfg
+        self.options = build_options(type(self), cfg.options, self.name)
 
     @classmethod
     def is_release(cls, keys: set) -> bool:
         """Whether a released ALBEF state dict with these keys is this task's (the tasks' checks
         exclude each other)."""
         return False
-
-    @property
-    def options(self) -> Any:
-        return self.cfg.options
 
     # ---- start-up ------------------------------------------------------------------------------
     def check(self, world_size: int) -> None:
@@ -138,14 +135,9 @@ class Task:
 
 def build_options(task_cls: type, values: Any, where: str):
     """The task's options from its config section (unknown keys are errors naming them)."""
-    from ..config import build_section
-
     if task_cls.Options is None:
         if values:
             raise ConfigError(f"task '{task_cls.name}' takes no '{where}' section")
         return None
     return build_section(task_cls.Options, values or {}, where)
 
-
-def options_dict(options: Any) -> Optional[dict]:
-    return dataclasses.asdict(options) if options is not None else None

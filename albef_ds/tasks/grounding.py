@@ -9,9 +9,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .. import distributed as dist
+from ..cli import eval_text_lengths
 from ..config import ConfigError
-from ..eval.grounding import GroundingEvaluator, format_grounding
-from .retrieval import RetrievalTask, eval_text_lengths
+from ..data.grounding import ExpressionCodec
+from ..data.transforms import build_transform
+from ..eval.grounding import GroundingEvaluator, evaluate_grounding, format_grounding, read_grounding_set
+from ..models.gradcam import check_gradcam, default_gradcam_layer
+from ..tokenizer import build_tokenizer
+from .retrieval import RetrievalTask
 
 
 @dataclass
@@ -37,8 +43,6 @@ class GroundingTask(RetrievalTask):
         return False
 
     def check(self, world_size: int) -> None:
-        from ..models.gradcam import check_gradcam, default_gradcam_layer
-
         super().check(world_size)
         o = self.options
         layer = default_gradcam_layer(self.cfg.model, o.mode) if o.gradcam_layer is None else o.gradcam_layer
@@ -48,9 +52,6 @@ class GroundingTask(RetrievalTask):
             raise ConfigError(f"grounding.mode / grounding.gradcam_layer: {exc}") from None
 
     def codec(self, tokenizer, train: bool):
-        from ..data.grounding import ExpressionCodec
-        from ..data.transforms import build_transform
-
         # data.crop_scale as every task's; the grounding configs' null is ALBEF's grounding transform
         # (the image resized whole, so the geometry the expressions describe is kept)
         d = self.cfg.data
@@ -58,7 +59,7 @@ class GroundingTask(RetrievalTask):
         return ExpressionCodec(tokenizer, transform, d.max_words, d.max_tokens)
 
     def evaluator(self, output_dir: str) -> GroundingEvaluator:
-        return GroundingEvaluator(self.cfg, output_dir)
+        return GroundingEvaluator(self.cfg, self.options, output_dir)
 
     eval_command_help = ("weakly supervised grounding: Grad-CAM ranks detector proposals (ALBEF's "
                          "RefCOCO+ protocol); any checkpoint with an ITM head")
@@ -77,11 +78,6 @@ class GroundingTask(RetrievalTask):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from .. import distributed as dist
-        from ..eval.grounding import evaluate_grounding, read_grounding_set
-        from ..models.gradcam import check_gradcam, default_gradcam_layer
-        from ..tokenizer import build_tokenizer
-
         max_tokens, max_words = eval_text_lengths(args.config, model)
         layer = default_gradcam_layer(model.cfg, args.mode) if args.gradcam_layer is None else args.gradcam_layer
         try:

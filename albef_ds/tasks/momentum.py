@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
@@ -121,8 +122,6 @@ class MomentumEMA:
     def load_whole(self, values: list[torch.Tensor]) -> None:
         """Sets the momentum weights from whole tensors (in pair order): this rank takes its ZeRO-3
         partition of each (ceil(numel / world) elements, the last padded), or the whole tensor."""
-        import torch.distributed as tdist
-
         rank = tdist.get_rank() if tdist.is_initialized() else 0
         local = []
         for (_, pm), value in zip(self.pairs, values):

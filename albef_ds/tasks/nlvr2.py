@@ -10,7 +10,7 @@ loading the TA checkpoint, which holds no momentum weights, so its momentum ViT,
 and upper fusion layers start random (its text layers from BERT) and hold 0.995^k of that start
 after k steps (still 8% after 500, under 1% after 1000): the distillation targets of the first
 epoch come from a model that never saw an image. LAVIS copies after loading ("required when initializing the model from TA pre-trained
-weights"), and so do we (albef_ds.hub.load_state copies absent momentum weights from the online
+weights"), and so do we (albef_ds.checkpoint.loading.load_state copies absent momentum weights from the online
 ones): distillation then starts from the student, as it does for every other task.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ConfigError, ModelConfig
+from ..data.codec import CaptionCodec
+from ..data.transforms import build_transform
 from ..eval.retrieval import RetrievalEvaluator
 from ..models import ALBEF
 from .base import Task
@@ -40,9 +42,6 @@ class PretrainTask(Task):
 
 
 def caption_codec(cfg, tokenizer, train: bool, image_ids: bool):
-    from ..data.codec import CaptionCodec
-    from ..data.transforms import build_transform
-
     transform = build_transform(cfg.model.vision.img_size, cfg.data.augment and train, cfg.data.crop_scale)
     return CaptionCodec(tokenizer, transform, cfg.data.max_words, cfg.data.max_tokens, image_ids=image_ids)
 

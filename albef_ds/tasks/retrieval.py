@@ -6,7 +6,17 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..config import ModelConfig
+import torch
+from PIL import ImageOps
+
+from .. import distributed as dist
+from ..cli import eval_text_lengths
+from ..config import ConfigError, ModelConfig
+from ..data.samples import decode_image
+from ..eval.recall import format_table
+from ..eval.retrieval import NOT_RERANKED, RetrievalSet, evaluate_retrieval, images_of_this_rank, read_retrieval_set
+from ..pictures import PANEL, labelled_grid, save_png, slug
+from ..tokenizer import build_tokenizer
 from .contrastive import ContrastiveModel
 from .pretrain import PretrainTask, caption_codec
 
@@ -40,10 +50,6 @@ class RetrievalTask(PretrainTask):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..config import ConfigError
-        from ..eval.retrieval import evaluate_retrieval, images_of_this_rank, read_retrieval_set
-        from ..tokenizer import build_tokenizer
-
         max_tokens, max_words = eval_text_lengths(args.config, model)
         # the pictures need every image on rank 0: then every rank keeps them all
         keep = None if args.show else images_of_this_rank(args.batch_size)
@@ -55,9 +61,6 @@ class RetrievalTask(PretrainTask):
                                  max_tokens, args.k_test, args.batch_size, args.add_sim, return_scores=bool(args.show))
         out.update(add_sim=args.add_sim)
         if args.show:
-            from .. import distributed as dist
-            from ..eval.retrieval import write_top_images
-
             _, score_t2i, _ = out.pop("scores")
             if dist.rank() == 0:
                 out["pictures"] = write_top_images(data, score_t2i, os.path.join(args.output_dir, "show"), args.show)
@@ -65,22 +68,29 @@ class RetrievalTask(PretrainTask):
 
     @classmethod
     def format_metrics(cls, metrics: dict) -> str:
-        from ..eval.recall import format_table
-
         return format_table(metrics, f"retrieval: {metrics['images']} images, {metrics['texts']} texts, "
                                      f"k_test {metrics['k_test']}")
 
 
-def eval_text_lengths(config, model) -> tuple[int, int]:
-    """(max_tokens, max_words) of an evaluation command: the --config's data section, else ALBEF's
-    evaluation length (30, 30); at most the model's positions."""
-    from ..config import load_config
-
-    max_tokens, max_words = 30, 30
-    if config:
-        cfg = load_config(config)
-        max_tokens, max_words = cfg.data.max_tokens, cfg.data.max_words
-    return min(max_tokens, model.cfg.text.max_position), max_words
+def write_top_images(data: RetrievalSet, score_t2i: torch.Tensor, output_dir: str, queries: int,
+                     k: int = 5) -> list[str]:
+    """Pictures of the k best-scored images of `queries` text queries spread evenly over the set
+    (score_t2i [texts, images], as evaluate_retrieval returns it): the query as title, each image
+    with its rank and score, the query's own image framed in green. Needs every image's bytes
+    (or path). Returns the PNG paths."""
+    texts, txt2img = data.texts, data.txt2img
+    picks = sorted({round(i * (len(texts) - 1) / max(1, queries - 1)) for i in range(min(queries, len(texts)))})
+    paths = []
+    for t in picks:
+        scores, top = score_t2i[t].topk(min(k, score_t2i.shape[1]))
+        panels = [ImageOps.pad(decode_image(data.images[i]), (PANEL, PANEL), color="white") for i in top.tolist()]
+        labels = [f"{r + 1}: " + (f"{s:.2f}" if s != NOT_RERANKED else "not re-ranked")
+                  for r, s in enumerate(scores.tolist())]
+        frames = ["#20a020" if i == txt2img[t] else None for i in top.tolist()]
+        title = f"{texts[t]}   (own image {'framed' if txt2img[t] in top.tolist() else f'not in the top {k}'})"
+        picture = labelled_grid(panels, labels, title, bar=False, outlines=frames, columns=k)
+        paths.append(save_png(picture, os.path.join(output_dir, f"query{t:05d}_{slug(texts[t])}.png")))
+    return paths
 
 
 TASK = RetrievalTask

@@ -13,12 +13,17 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from ..cli import eval_text_lengths
 from ..config import ConfigError, ModelConfig
-from ..data.labelled import VE_LABELS
-from ..eval.classification import ClassificationEvaluator
-from ..io import ConversionError
+from ..data.labelled import VE_LABELS, LabelledCodec, check_labels
+from ..data.shards import check_corpus_annotations
+from ..data.transforms import build_transform
+from ..eval.classification import (ClassificationEvaluator, evaluate_classification, read_labelled_set,
+                                   samples_of_this_rank)
+from ..fileio import ConversionError
 from ..models.classifier import Classifier, VEClassifier, classifier_head
 from ..models.vit import build_vit
+from ..tokenizer import build_tokenizer
 from . import objectives
 from .base import StepContext, Task, TrainingModel
 from .momentum import add_momentum_copies
@@ -101,9 +106,6 @@ class SNLIVETask(Task):
     def check(self, world_size: int) -> None:
         """The labels of the training annotation files, before anything is built (a bad one would
         otherwise stop the run where the stream reaches it)."""
-        from ..data.labelled import check_labels
-        from ..data.shards import check_corpus_annotations
-
         check_corpus_annotations(self.cfg.data.corpora, lambda entries, path: check_labels(entries, self.labels, path))
 
     def build_model(self, model_cfg: Optional[ModelConfig] = None) -> DistilledClassifier:
@@ -118,9 +120,6 @@ class SNLIVETask(Task):
         return state
 
     def codec(self, tokenizer, train: bool):
-        from ..data.labelled import LabelledCodec
-        from ..data.transforms import build_transform
-
         transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train,
                                     self.cfg.data.crop_scale)
         return LabelledCodec(tokenizer, transform, self.cfg.data.max_words, self.cfg.data.max_tokens,
@@ -133,10 +132,6 @@ class SNLIVETask(Task):
 
     @classmethod
     def evaluate_command(cls, model: Classifier, args) -> dict:
-        from ..eval.classification import evaluate_classification, read_labelled_set, samples_of_this_rank
-        from ..tokenizer import build_tokenizer
-        from .retrieval import eval_text_lengths
-
         max_tokens, max_words = eval_text_lengths(args.config, model)
         try:
             data = read_labelled_set(args.data, cls.labels, model.images_per_text, args.image_root, max_words,

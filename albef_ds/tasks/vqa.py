@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..eval.vqa_answering import VQAEvaluator
+from ..data.shards import check_corpus_annotations
+from ..data.transforms import build_transform
+from ..data.vqa import TRAIN_KEYS, VQACodec, check_entries
+from ..eval.vqa_answering import RESULT_FILE, VQAEvaluator, evaluate_vqa, read_vqa_inputs
 from ..models.vit import build_vit
 from ..models.vqa import (VQAModel, build_decoder, decoder_logits, encode_question, predicted_positions,
                           predicted_tokens, question_encoder)
@@ -95,9 +98,6 @@ class VQATask(Task):
         return any(k.startswith("text_decoder.bert.") for k in keys)
 
     def check(self, world_size: int) -> None:
-        from ..data.shards import check_corpus_annotations
-        from ..data.vqa import TRAIN_KEYS, check_entries
-
         if self.cfg.train.compile:
             raise ConfigError("train.compile is not supported for vqa: the number and length of the answers "
                               "change every batch, and each new shape would compile the decoder layers again")
@@ -126,16 +126,13 @@ class VQATask(Task):
         return out
 
     def codec(self, tokenizer, train: bool):
-        from ..data.transforms import build_transform
-        from ..data.vqa import VQACodec
-
         transform = build_transform(self.cfg.model.vision.img_size, self.cfg.data.augment and train,
                                     self.cfg.data.crop_scale)
         return VQACodec(tokenizer, transform, self.cfg.data.max_words, self.cfg.data.max_tokens,
                         self.cfg.model.text.max_position)
 
     def evaluator(self, output_dir: str) -> VQAEvaluator:
-        return VQAEvaluator(self.cfg, output_dir)
+        return VQAEvaluator(self.cfg, self.options.answer_list, output_dir)
 
     eval_command_help = ("visual question answering: answers ranked from an answer list (ALBEF's protocol); "
                          "writes vqa_result.json (the evaluation server's format) and, when the questions "
@@ -149,8 +146,6 @@ class VQATask(Task):
 
     @classmethod
     def evaluate_command(cls, model, args) -> dict:
-        from ..eval.vqa_answering import RESULT_FILE, evaluate_vqa, read_vqa_inputs
-
         data, answer_list, tokenizer = read_vqa_inputs(args.data, args.image_root, args.answer_list,
                                                        model.cfg.text.tokenizer, "--data", "--answer_list")
         return evaluate_vqa(model, data, answer_list, tokenizer, model.cfg.vision.img_size, args.k_test,

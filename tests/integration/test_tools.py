@@ -1,0 +1,28 @@
+"""The data tools' command lines, run as processes, as a user runs them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import annotation_dataset
+
+from albef_ds.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = build_tokenizer("tiny_vocab.txt")
+
+
+def test_make_shards_cli(tmp_path):
+    ann = annotation_dataset(tmp_path)
+    run = subprocess.run([sys.executable, "tools/make_shards.py", "--ann", str(ann), "--image-root",
+                          str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--prefix", "coco",
+                          "--max-samples", "10"], cwd=ROOT, capture_output=True, text=True, check=True)
+    summary = json.loads(run.stdout)
+    assert summary["samples"] == 3 and summary["pattern"] == str(tmp_path / "out" / "coco-00000.tar")
+
+
+def test_make_synthetic_shards_cli(tmp_path):
+    run = subprocess.run([sys.executable, "tools/make_synthetic_shards.py", "--out", str(tmp_path),
+                          "--train-samples", "8", "--heldout-samples", "4", "--samples-per-shard", "8"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["train"][0]["shards"] == [str(tmp_path / "train-00000.tar")]

@@ -26,6 +26,7 @@ setup(
         "uvicorn>=0.29",
         "python-multipart>=0.0.9",
     ],
-    # the page's tests drive Debian's chromium + chromedriver (the Makefile installs them)
-    extras_require={"test": ["pytest>=8", "selenium>=4.20", "httpx>=0.27"]},
+    # the page's tests drive Debian's chromium + chromedriver (the Makefile installs them); scikit-image:
+    # the real photographs of tools/make_photo_shards.py (tests/unit/test_data_pixels.py, the data bench)
+    extras_require={"test": ["pytest>=8", "selenium>=4.20", "httpx>=0.27", "scikit-image>=0.22"]},
 )

@@ -85,8 +85,10 @@ def annotation_sample(key: str, entry: dict, image_root: Optional[str]) -> dict:
 
 def decode_image(source: Union[bytes, str]) -> Image.Image:
     """An RGB image from encoded bytes (a shard member) or a file path (an annotation's image)."""
-    # convert() forces the full decode, so a truncated file fails here.
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()                    # the full decode: a truncated file fails here
+    # convert() would copy an image that is RGB already (most JPEGs)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def sample_meta(sample: dict) -> dict:

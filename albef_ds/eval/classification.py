@@ -24,7 +24,7 @@ from ..data.labelled import label_id
 from ..data.samples import ERROR_KEY, entry_images, read_shard, sample_images, sample_meta
 from ..data.shards import expand_pattern, read_annotations
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import device_dtype, predict_split, skip_summary
+from .inputs import model_device, predict_split, skip_summary
 
 CORRUPT = -1                      # the prediction of a sample whose image could not be decoded
 SKIP_KEYS = ("missing_image", "corrupt_image", "empty_caption")
@@ -93,7 +93,7 @@ def predict(model, data: LabelledSet, tokenizer, img_size: int, max_tokens: int,
             split_ranks: Optional[bool] = None) -> torch.Tensor:
     """[n] predicted classes of every sample (CORRUPT where an image could not be decoded), the
     same on every rank of the split."""
-    device = device_dtype(model)[0]
+    device = model_device(model)
     ids, mask = tokenize(tokenizer, data.sentences, max_tokens)
 
     def classify(slots: list, items: list) -> torch.Tensor:

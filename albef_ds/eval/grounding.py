@@ -33,7 +33,7 @@ from ..data.transforms import EvalTransform
 from ..models import evaluating
 from ..models.gradcam import default_gradcam_layer, gradcam, resize_map
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import check_skipped, device_dtype, skip_summary
+from .inputs import check_skipped, model_device, skip_summary
 
 IOU_THRESHOLD = 0.5
 AREA_EXPONENT = 0.5               # ALBEF's alpha: score = heat in box / area ** alpha
@@ -242,7 +242,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
     is one); every rank returns the same."""
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     splits = data.splits
     n = len(data.expressions)
     # per split: [correct, seen, heat on the referred box]; the last row's first: unreadable images
@@ -257,7 +257,7 @@ def evaluate_grounding(model, data: GroundingSet, tokenizer, img_size: int, max_
             out = torch.full((len(items), 5), float("nan"), dtype=torch.float64)
             if found:
                 ids, mask = tokenize(tokenizer, [items[j].text for j in found], max_tokens)
-                images = torch.stack([tensors[j] for j in found]).to(device, dtype)
+                images = torch.stack([tensors[j] for j in found]).to(device)
                 maps = gradcam(model, images, ids.to(device), mask.to(device), mode, layer).cpu()
                 for heat, j in zip(maps, found):
                     e = items[j]

@@ -11,7 +11,7 @@ from ..data.transforms import EvalTransform
 from ..models import evaluating
 from ..models.gradcam import check_gradcam, default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps
 from ..tokenizer import clean_caption, tokenize
-from .inputs import device_dtype
+from .inputs import model_device
 
 
 class HeatMaps(NamedTuple):
@@ -31,9 +31,9 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
         raise ValueError(f"text {text!r} is empty once cleaned (lower case, no punctuation)")
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     check_gradcam(model.cfg, mode, layer)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     ids, mask = tokenize(tokenizer, [cleaned], max_tokens)
-    pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device, dtype)
+    pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device)
     with evaluating(model):
         if mode == "itc":
             return HeatMaps(itc_maps(model, pixels, ids.to(device), mask.to(device), layer)[0].cpu(), [], [], mode)

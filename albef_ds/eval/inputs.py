@@ -13,16 +13,16 @@ from ..data.transforms import EvalTransform
 from ..models import evaluating
 
 
-def device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    p = next(p for p in model.parameters() if p.is_floating_point())
-    return p.device, p.dtype
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def load_images(sources: list, names: list, indices, img_size: int, failed: list,
                 failed_rows: Optional[list] = None) -> torch.Tensor:
-    """[len(indices), 3, img_size, img_size]: sources[i] (bytes or a path) decoded and resized for
-    evaluation. An image that cannot be read is zeros, its name and error appended to `failed`
-    (and its row in the result to `failed_rows`, when given)."""
+    """[len(indices), 3, img_size, img_size] uint8 pixels (the model's ViT normalises them):
+    sources[i] (bytes or a path) decoded and resized for evaluation. An image that cannot be read
+    is zeros, its name and error appended to `failed` (and its row in the result to `failed_rows`,
+    when given)."""
     transform, out = EvalTransform(img_size), []
     for row, i in enumerate(indices):
         source = sources[i]
@@ -34,7 +34,7 @@ def load_images(sources: list, names: list, indices, img_size: int, failed: list
             failed.append(f"{names[i]}: {exc}")
             if failed_rows is not None:
                 failed_rows.append(row)
-            out.append(torch.zeros(3, img_size, img_size))
+            out.append(torch.zeros(3, img_size, img_size, dtype=torch.uint8))
     return torch.stack(out)
 
 
@@ -77,11 +77,11 @@ def predict_split(model, images: list, img_size: int, batch_size: int,
     every item). The items go in batches of batch_size dealt to the ranks (albef_ds.distributed's
     work split); a rank decodes the images of its own batches and, with the model in eval mode and
     no gradients, calls `predict(slots, items)` for the items whose images all decode (items: their
-    indices; slots: one [len(items), 3, img_size, img_size] tensor per image of an item, on the
-    model's device and in its dtype) -> their [len(items)] predictions. An item with an image that
-    cannot be read is predicted `unread`. The predictions are gathered."""
+    indices; slots: one [len(items), 3, img_size, img_size] uint8 tensor per image of an item, on
+    the model's device: its ViT normalises them) -> their [len(items)] predictions. An item with an
+    image that cannot be read is predicted `unread`. The predictions are gathered."""
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     n = len(images)
     parts = []
     with evaluating(model):
@@ -94,7 +94,7 @@ def predict_split(model, images: list, img_size: int, batch_size: int,
             rows = [k for k in range(len(batch)) if k not in failed_rows]
             out = torch.full((len(batch),), unread, dtype=torch.long, device=device)
             if rows:
-                out[rows] = predict([s[rows].to(device, dtype) for s in slots], [batch[k] for k in rows])
+                out[rows] = predict([s[rows].to(device) for s in slots], [batch[k] for k in rows])
             parts.append(out)
     local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
     return dist.gather_rows(local, n, batch_size, world).cpu()

@@ -25,7 +25,7 @@ from ..data.samples import ERROR_KEY, IMAGE_KEYS, read_shard, sample_captions
 from ..data.shards import expand_pattern, group_annotations, read_annotations
 from ..models import evaluating
 from ..tokenizer import build_tokenizer, clean_caption, tokenize
-from .inputs import check_failures, device_dtype, load_images, skip_summary
+from .inputs import check_failures, load_images, model_device, skip_summary
 from .recall import RECALL_KEYS, retrieval_metrics
 
 # what evaluate_retrieval reports: re-ranked recalls and the ITC-only ones
@@ -135,12 +135,12 @@ def encode_set(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: 
     """Features of every image and text (gathered on every rank), this rank's image embeddings,
     and the tokens of all texts."""
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     texts = data.texts
     ids, mask = tokenize(tokenizer, texts, max_tokens)
     image_feats, image_embeds, text_feats, failed = [], [], [], []
     for batch in dist.my_batches(len(data.images), batch_size, rank, world):
-        images = load_images(data.images, data.names, batch, img_size, failed).to(device, dtype)
+        images = load_images(data.images, data.names, batch, img_size, failed).to(device)
         embeds = model.image_embeds(images)
         image_embeds.append(embeds)
         image_feats.append(model.project_image(embeds).float())       # the ViT run once
@@ -167,7 +167,7 @@ def rerank_scores(model, encoded: dict, k_test: int, batch_size: int = 64, add_s
     the fusion encoder, on the rank that holds the image's embeddings, one image at a time (its
     pairs in chunks of batch_size, the image repeated); the logits are summed over ranks."""
     rank, world = dist.work_split(split_ranks)
-    device, _ = device_dtype(model)
+    device = model_device(model)
     sims = encoded["image_feats"] @ encoded["text_feats"].t()
     n_img, n_txt = sims.shape
     if k_test <= 0:

@@ -24,7 +24,7 @@ from ..data.shards import read_annotations
 from ..data.vqa import answer_tokens, clean_question
 from ..fileio import atomic_write
 from ..tokenizer import build_tokenizer, tokenize
-from .inputs import check_skipped, device_dtype, predict_split, skip_summary
+from .inputs import check_skipped, model_device, predict_split, skip_summary
 from .vqa import accuracy_metrics
 
 RESULT_FILE = "vqa_result.json"
@@ -124,7 +124,7 @@ def answer_questions(model, data: VQASet, answer_list: list[str], tokenizer, img
     """The index in `answer_list` of every question's answer (NOT_ANSWERED where its image could not
     be read), the same on every rank of the split: batches of questions are dealt to the ranks
     (albef_ds.distributed) and the answers gathered."""
-    device = device_dtype(model)[0]
+    device = model_device(model)
     max_length = model.cfg.text.max_position
     answer_ids, answer_mask = (t.to(device) for t in answer_tokens(tokenizer, answer_list, max_length))
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .albef import TEMP_RANGE
+from .vit import image_input
 
 MODES = ("itm", "itc")
 # ALBEF's --block_num 8: the third of six fusion layers (BERT layer 8) for ITM, ViT block 8 of 12 for ITC.
@@ -120,7 +121,8 @@ def itc_maps(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mas
     with torch.no_grad():
         text_feat = model.text_features(input_ids, attention_mask)
     with torch.enable_grad():
-        images = images.detach().requires_grad_()
+        # normalised here (not by the ViT) to be a leaf that can require a gradient
+        images = image_input(images, model.visual_encoder.cls_token.dtype).detach().requires_grad_()
         with vit_attention_probs(model, block) as captured:
             image_feat = model.image_features(images)
         probs = captured[0]

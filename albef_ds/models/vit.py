@@ -1,8 +1,13 @@
-"""The image encoder: timm's ViT (DeiT-B/16 for the base model), without a classifier head."""
+"""The image encoder: timm's ViT (DeiT-B/16 for the base model), without a classifier head.
+
+Images reach it as uint8 pixels [..., 3, H, W], straight from the data workers (or an evaluator's
+decoding) onto the device: the encoder itself turns them into CLIP-normalised floats of its own
+dtype, in one place for training and evaluation of every task (docs/design.md, "Images").
+"""
 from __future__ import annotations
 
 import os
-from functools import partial
+from functools import lru_cache, partial
 
 import timm
 import torch
@@ -11,9 +16,37 @@ from torch import nn
 
 from ..config import VisionConfig
 
+# The pixel statistics ALBEF's image encoder is trained and evaluated with (CLIP's), RGB.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=None)
+def _clip_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a host-to-device copy at every step would be a wait
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+
+
+def image_input(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the ViT computes on: uint8 pixels scaled to [0, 1] and CLIP-normalised in float32 (the
+    float ops of torchvision's to_dtype + normalize, so the values are those the data workers made
+    before normalisation moved here), then cast to `dtype`. Floating-point images are taken as
+    normalised already and only cast."""
+    if images.dtype == torch.uint8:
+        mean, std = _clip_statistics(images.device)
+        images = images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+    elif not images.is_floating_point():
+        raise TypeError(f"images must be uint8 pixels or normalised floats, not {images.dtype}")
+    return images.to(dtype)
+
+
+def _normalise_input(vit: nn.Module, args: tuple) -> tuple:
+    return (image_input(args[0], vit.cls_token.dtype), *args[1:])
+
 
 def build_vit(cfg: VisionConfig) -> nn.Module:
-    """A timm VisionTransformer returning all tokens ([B, 1 + P, width], token 0 is CLS).
+    """A timm VisionTransformer returning all tokens ([B, 1 + P, width], token 0 is CLS) of images
+    given as uint8 pixels (or normalised floats): see image_input.
 
     `cfg.pretrained`: None/False for random init, True for timm's hub weights of `timm_name`
     (deit_base_patch16_224: DeiT-B/16 on ImageNet-1k), or a local weights file. timm resizes the
@@ -29,6 +62,7 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
             raise FileNotFoundError(f"model.vision.pretrained: no weights file at '{pretrained}'")
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained, "num_classes": 0}
     vit = timm.create_model(cfg.timm_name, pretrained=bool(pretrained), **kwargs)
+    vit.register_forward_pre_hook(_normalise_input)       # uint8 pixels in: see image_input
     vit.set_grad_checkpointing(cfg.grad_checkpointing)
     if not pretrained and cfg.pos_embed_init == "sincos":
         with torch.no_grad():

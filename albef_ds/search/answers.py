@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..data.transforms import EvalTransform
 from ..data.vqa import answer_tokens, clean_question
-from ..eval.inputs import device_dtype
+from ..eval.inputs import model_device
 from ..eval.vqa_answering import QUESTION_WORDS, question_tokens
 from ..tokenizer import build_tokenizer
 
@@ -18,7 +18,7 @@ class QuestionAnswerer:
     def __init__(self, model, answer_list: list[str], k_test: int = 128):
         self.model, self.answer_list, self.k_test = model.eval(), answer_list, k_test
         self.tokenizer = build_tokenizer(model.cfg.text.tokenizer)
-        self.device, self.dtype = device_dtype(model)
+        self.device = model_device(model)
         self.max_length = model.cfg.text.max_position
         self.answer_ids, self.answer_mask = (t.to(self.device) for t in
                                              answer_tokens(self.tokenizer, answer_list, self.max_length))
@@ -31,7 +31,7 @@ class QuestionAnswerer:
         if not cleaned:
             raise ValueError(f"the question {question!r} is empty once cleaned (lower case, no punctuation)")
         ids, mask = question_tokens(self.tokenizer, [cleaned], self.max_length)
-        pixels = EvalTransform(self.model.cfg.vision.img_size)(image.convert("RGB"))[None].to(self.device, self.dtype)
+        pixels = EvalTransform(self.model.cfg.vision.img_size)(image.convert("RGB"))[None].to(self.device)
         states = self.model.question_states(pixels, ids.to(self.device), mask.to(self.device))
         picked, probs = self.model.rank_answers(states, mask.to(self.device), self.answer_ids, self.answer_mask,
                                                 self.k_test)

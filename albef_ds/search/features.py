@@ -13,7 +13,7 @@ import torch
 
 from ..data.samples import decode_image
 from ..data.transforms import EvalTransform
-from ..eval.inputs import device_dtype
+from ..eval.inputs import model_device
 from ..tokenizer import clean_caption, tokenize
 from .collection import read_image
 
@@ -64,7 +64,7 @@ def encode_part(model, rows: list, tokenizer, img_size: int, max_tokens: int, ma
     """Features of `rows` (albef_ds.search.collection). Batches of batch_size images in row order,
     an unreadable image left as zeros in its batch and dropped after (so every other image's batch
     is the evaluator's); progress(images done) after each batch."""
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     features, kept, unreadable = [], [], []
     for batch, pixels in decoded_batches(rows, img_size, batch_size, workers):
         good = [j for j, p in enumerate(pixels) if not isinstance(p, str)]
@@ -74,7 +74,7 @@ def encode_part(model, rows: list, tokenizer, img_size: int, max_tokens: int, ma
                 unreadable.append({"name": row["name"], "source": row["source"], "error": p})
         if good:
             images = torch.stack([torch.zeros(3, img_size, img_size) if isinstance(p, str) else p
-                                  for p in pixels]).to(device, dtype)
+                                  for p in pixels]).to(device)
             batch_features = model.project_image(model.image_embeds(images)).float()
             features.append(batch_features[good].half().cpu())
             kept += [batch[j] for j in good]

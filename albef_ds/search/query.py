@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.transforms import EvalTransform
-from ..eval.inputs import device_dtype
+from ..eval.inputs import model_device
 from ..tokenizer import clean_caption, tokenize
 from . import ann
 from .features import decoded_batches
@@ -62,7 +62,7 @@ class Searcher:
         self.max_tokens, self.max_words = loaded.max_tokens, loaded.max_words
         self.batch_size, self.workers = batch_size, workers
         self.img_size = self.model.cfg.vision.img_size
-        self.device, self.dtype = device_dtype(self.model)
+        self.device = model_device(self.model)
 
     def clean(self, text: str) -> str:
         cleaned = clean_caption(text, self.max_words)
@@ -106,7 +106,7 @@ class Searcher:
             read += time.perf_counter() - start
             if good:
                 start = time.perf_counter()
-                embeds = self.model.image_embeds(torch.stack([pixels[j] for j in good]).to(self.device, self.dtype))
+                embeds = self.model.image_embeds(torch.stack([pixels[j] for j in good]).to(self.device))
                 vit += time.perf_counter() - start
                 start = time.perf_counter()
                 out = self.model.itm_logits(embeds, ids.expand(len(good), -1), mask.expand(len(good), -1)).float()
@@ -126,7 +126,7 @@ class Searcher:
             raise ValueError("this collection has no captions to search: image -> text needs an index of "
                              "images with captions")
         timings, start = {}, time.perf_counter()
-        pixels = EvalTransform(self.img_size)(image.convert("RGB"))[None].to(self.device, self.dtype)
+        pixels = EvalTransform(self.img_size)(image.convert("RGB"))[None].to(self.device)
         embeds = self.model.image_embeds(pixels)
         query = self.model.project_image(embeds).float().cpu().numpy()
         timings["vit_ms"] = _ms(start)

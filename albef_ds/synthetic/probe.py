@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..engine.zero import inference_model
-from ..eval.inputs import check_failures, device_dtype, load_images
+from ..eval.inputs import check_failures, load_images, model_device
 from ..eval.recall import format_table
 from ..eval.retrieval import RetrievalSet, evaluate_retrieval, read_shard_set
 from ..models import evaluating
@@ -53,7 +53,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     Every image needs all image bytes (keep them all when reading)."""
 
     rank, world = dist.work_split(split_ranks)
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     n = len(data.images)
     if n < 2:
         raise ValueError("held-out checks need at least two images")
@@ -94,7 +94,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
     with evaluating(model):
         for batch in dist.my_batches(n, batch_size, rank, world):
             b = torch.tensor(list(batch))
-            images = load_images(data.images, data.names, batch, img_size, failed).to(device, dtype)
+            images = load_images(data.images, data.names, batch, img_size, failed).to(device)
             embeds = model.image_embeds(images)
             m = mask[b].to(device)
             itm_ids = torch.cat([ids[b], ids[[other[i] for i in batch]], colour_swapped[b], shape_swapped[b]])
@@ -107,7 +107,7 @@ def heldout_checks(model, data: RetrievalSet, tokenizer, img_size: int, max_toke
             counts[9] += ((probs[0] > probs[1]) & ok).sum()
             counts[2] += (probs[2] <= 0.5).sum()
             counts[3] += (probs[3] <= 0.5).sum()
-            shuffled_images = load_images(data.images, data.names, [other[i] for i in batch], img_size, failed).to(device, dtype)
+            shuffled_images = load_images(data.images, data.names, [other[i] for i in batch], img_size, failed).to(device)
             for slot, pos, true, choices in ((4, colour_pos, colour_true, colours.expand(n, -1)),
                                              (5, shape_pos, shape_true, shape_sets)):
                 masked = ids[b].clone()
@@ -149,13 +149,13 @@ def attribute_probe(model, data: RetrievalSet, tokenizer, img_size: int, max_tok
     image (what the caption's other words alone tell). {attribute: {"image": %, "other_image": %,
     "captions": n}}; count: the captions that say one / two / three ("a" also opens templates)."""
 
-    device, dtype = device_dtype(model)
+    device = model_device(model)
     n = len(data.images)
     ids, mask = tokenize(tokenizer, [captions[0] for captions in data.captions], max_tokens)
     failed = []
     images = load_images(data.images, data.names, range(n), img_size, failed)
     check_failures(failed, 1, device)
-    images = images.to(device, dtype)
+    images = images.to(device)
     others = images[[(i + n // 2) % n for i in range(n)]]
     out = {}
     with evaluating(model):

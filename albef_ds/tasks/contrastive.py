@@ -72,7 +72,7 @@ class ContrastiveModel(ALBEF, TrainingModel):
         generator = ctx.generator
         if alpha is None:
             alpha = objectives.alpha_at(ctx.step, ctx.steps_per_epoch, self.cfg.alpha)
-        images = batch["image"].to(self.temp.dtype)
+        images = batch["image"]                # pixels: the ViT normalises them (models/vit.py)
         input_ids, attention_mask, image_ids = batch["input_ids"], batch["attention_mask"], batch.get("image_id")
         b = images.shape[0]
         m = b if self.mlm else 0              # rows of masked text

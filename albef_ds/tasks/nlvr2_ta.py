@@ -38,7 +38,7 @@ class TextAssignmentModel(TextAssignment, TrainingModel):
         self.temp.requires_grad_(False)
 
     def forward(self, batch: dict, ctx: StepContext):
-        images = batch["image"].to(self.visual_encoder.pos_embed.dtype)
+        images = batch["image"]                # pixels: the ViT normalises them (models/vit.py)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         b, generator = images.shape[0], ctx.generator
         first = dist.rank() * b

@@ -59,7 +59,7 @@ class DistilledClassifier(TrainingModel):
         if alpha is None:
             alpha = (objectives.alpha_at(ctx.step, ctx.steps_per_epoch, self.cfg.alpha) if self.alpha_warmup
                      else self.cfg.alpha)
-        images = batch["images"].to(self.visual_encoder.pos_embed.dtype)
+        images = batch["images"]               # pixels: the ViT normalises them (models/vit.py)
         count = images.shape[1]
         images = images.transpose(0, 1).flatten(0, 1)        # image 0 of every text, then image 1
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -63,7 +63,7 @@ class VQATrainingModel(VQAModel, TrainingModel):
         first epoch). Metrics: loss_vqa, token_acc (answer tokens predicted right), alpha."""
         if alpha is None:
             alpha = objectives.alpha_at(ctx.step, ctx.steps_per_epoch, self.cfg.alpha)
-        images = batch["image"].to(self.visual_encoder.cls_token.dtype)
+        images = batch["image"]                # pixels: the ViT normalises them (models/vit.py)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         answer_ids, answer_mask, rows = batch["answer_ids"], batch["answer_mask"], batch["answer_question"]
         positions = predicted_positions(answer_mask)

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from albef_ds.data import transforms
-from albef_ds.data.transforms import (CLIP_MEAN, CLIP_STD, RAND_AUGMENT_OPS, EvalTransform, TrainTransform, apply_op,
-                                      build_transform, random_resized_crop_box)
+from albef_ds.data.transforms import (RAND_AUGMENT_OPS, EvalTransform, TrainTransform, apply_op, build_transform,
+                                      random_resized_crop_box)
+from albef_ds.models.vit import CLIP_MEAN, CLIP_STD, image_input
 
 
 def noise_image(width=100, height=80, seed=0) -> Image.Image:
@@ -19,7 +20,7 @@ def noise_image(width=100, height=80, seed=0) -> Image.Image:
 def test_train_transform_is_a_function_of_the_rng():
     image = noise_image()
     out = TrainTransform(32)(image, random.Random(1))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8          # normalised on the device
     assert torch.equal(out, TrainTransform(32)(image, random.Random(1)))
     assert not torch.equal(out, TrainTransform(32)(image, random.Random(2)))
 
@@ -27,9 +28,10 @@ def test_train_transform_is_a_function_of_the_rng():
 def test_eval_transform_resizes_and_normalises_with_clip_statistics():
     image = Image.new("RGB", (50, 30), (255, 0, 128))
     out = EvalTransform(16)(image)
-    assert out.shape == (3, 16, 16)
+    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+    # the pixels leave the workers as they are; the model's ViT normalises them (image_input)
     expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), CLIP_MEAN, CLIP_STD)]
-    assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(image_input(out, torch.float32).mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
     assert isinstance(build_transform(16, augment=False), EvalTransform)
     assert isinstance(build_transform(16, augment=True), TrainTransform)
 
@@ -47,20 +49,24 @@ def test_random_resized_crop_box_follows_scale_and_ratio():
     assert random_resized_crop_box(random.Random(0), 1000, 10) == (0, 493, 10, 13)
 
 
+def hwc(pixels: torch.Tensor) -> np.ndarray:
+    return pixels.permute(1, 2, 0).numpy()
+
+
 def test_each_rand_augment_op():
     # Noise in 20..200, so that autocontrast and equalize have work to do.
-    image = Image.fromarray((20 + np.asarray(noise_image(256, 256)) * 0.7).astype(np.uint8))
-    pixels = np.asarray(image).astype(int)
+    image = transforms.pixels(Image.fromarray((20 + np.asarray(noise_image(256, 256)) * 0.7).astype(np.uint8)))
+    pixels = hwc(image).astype(int)
     for op in RAND_AUGMENT_OPS:
-        out = np.asarray(apply_op(image, op, 1.0)).astype(int)
+        out = hwc(apply_op(image, op, 1.0)).astype(int)
         assert out.shape == pixels.shape
         assert (op == "identity") == np.array_equal(out, pixels), op
     # ALBEF's magnitude 7: 7 pixels of translation at 256px, brightness x1.36, grey fill.
-    shifted = np.asarray(apply_op(image, "translate_x", 1.0)).astype(int)
+    shifted = hwc(apply_op(image, "translate_x", 1.0)).astype(int)
     assert np.array_equal(shifted[:, 7:], pixels[:, :-7]) and (shifted[:, :7] == 128).all()
-    brighter = np.asarray(apply_op(image, "brightness", 1.0)).astype(int)
+    brighter = hwc(apply_op(image, "brightness", 1.0)).astype(int)
     assert np.abs(brighter - np.minimum(255, pixels * 1.36)).max() <= 1
-    rotated = np.asarray(apply_op(image, "rotate", -1.0))
+    rotated = hwc(apply_op(image, "rotate", -1.0))
     assert (rotated[0, 0] == 128).all() and (rotated[-1, -1] == 128).all()
     with pytest.raises(ValueError):
         apply_op(image, "solarize", 1.0)

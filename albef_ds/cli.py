@@ -3,9 +3,10 @@ value, printed once (rank 0), exit status 2, no traceback (unexpected errors kee
 process group a command runs in; the text lengths of evaluation commands."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from . import distributed
 from .config import ConfigError, load_config
@@ -15,6 +16,16 @@ from .fileio import ConversionError
 # ConversionError the checkpoint file, tag or key).
 INPUT_ERRORS = (ConfigError, ConversionError)
 EXIT_INPUT_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a mistake on the command line (an unknown option, a missing one, a
+    value of the wrong type) said as every other input error is: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if distributed.rank() == 0:
+            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)
 
 
 def report_input_error(exc: Exception) -> int:

@@ -12,7 +12,6 @@ grounding): a training folder, a converted file or a released ALBEF file. See do
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
@@ -20,17 +19,19 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from albef_ds.cli import INPUT_ERRORS, eval_text_lengths, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, check_writable_folder, eval_text_lengths, report_input_error
+from albef_ds.config import ConfigError
 from albef_ds.data.samples import IMAGE_EXTENSIONS, decode_image
 from albef_ds.eval.heat_maps import heat_maps
 from albef_ds.hub import load_model
 from albef_ds.models import ALBEF
+from albef_ds.models.gradcam import check_gradcam, default_gradcam_layer
 from albef_ds.pictures import heat_pictures, save_png, slug
-from albef_ds.tokenizer import build_tokenizer
+from albef_ds.tokenizer import build_tokenizer, clean_caption
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Grad-CAM pictures: where the model sees each word")
+    ap = ArgumentParser(description="Grad-CAM pictures: where the model sees each word")
     ap.add_argument("--checkpoint", required=True, help="a training folder, a converted file or a released ALBEF file")
     ap.add_argument("--image", required=True, help="an image file, or a folder of images")
     texts = ap.add_mutually_exclusive_group(required=True)
@@ -54,20 +55,23 @@ def _images(path: str) -> list[str]:
         found = sorted(os.path.join(path, n) for n in os.listdir(path)
                        if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         if not found:
-            raise ValueError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ConfigError(f"--image {path}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         return found
     if not os.path.isfile(path):
-        raise ValueError(f"image {path}: no such file or folder")
+        raise ConfigError(f"--image {path}: no such file or folder")
     return [path]
 
 
 def _texts(args) -> list[str]:
     if args.text is not None:
         return [args.text]
-    with open(args.texts) as f:
-        texts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(args.texts) as f:
+            texts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--texts {args.texts}: {exc}") from None
     if not texts:
-        raise ValueError(f"text file {args.texts} holds no text")
+        raise ConfigError(f"--texts {args.texts} holds no text")
     return texts
 
 
@@ -78,29 +82,45 @@ def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[st
     (the sentence's map). Returns the paths."""
     paths = []
     for text in texts:
-        pictures = heat_pictures(image, text, heat_maps(model, tokenizer, image, text, mode, max_tokens, layer))
+        maps = heat_maps(model, tokenizer, image, text, mode, max_tokens, layer)
+        if maps.dropped:
+            print(f"note: {text!r} is longer than the model reads ({max_tokens} tokens): its last "
+                  f"{maps.dropped} word(s) are not in the pictures", file=sys.stderr, flush=True)
         stem = os.path.join(output_dir, f"{name}__{slug(text)}")
-        paths += [save_png(picture, f"{stem}{suffix}.png") for suffix, picture in pictures.items()]
+        paths += [save_png(picture, f"{stem}{suffix}.png") for suffix, picture in heat_pictures(image, text, maps).items()]
     return paths
 
 
 def run(args) -> list[str]:
-    images, texts = _images(args.image), _texts(args)
+    """Every input is checked (the texts, every image decoded, the output folder, the checkpoint,
+    the layer) before the first picture is drawn: a mistake writes nothing."""
+    texts = _texts(args)
+    empty = [t for t in texts if not clean_caption(t)]
+    if empty:
+        raise ConfigError(f"text {empty[0]!r} is empty once cleaned (lower case, no punctuation)")
+    decoded = []
+    for path in _images(args.image):
+        try:
+            decoded.append((path, decode_image(path)))
+        except Exception as exc:              # PIL raises many types on broken files
+            raise ConfigError(f"image {path} cannot be read: {exc}") from None
+    check_writable_folder(args.output_dir, "--output_dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
     if not isinstance(model, ALBEF):
-        raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
+        raise ConfigError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
+    layer = default_gradcam_layer(model.cfg, args.mode) if args.gradcam_layer is None else args.gradcam_layer
+    try:
+        check_gradcam(model.cfg, args.mode, layer)
+    except ValueError as exc:
+        raise ConfigError(f"--gradcam_layer {layer}: {exc}") from None
     max_tokens, _ = eval_text_lengths(args.config, model)
     tokenizer = build_tokenizer(model.cfg.text.tokenizer)
     paths = []
-    for path in images:
-        try:
-            image = decode_image(path)
-        except Exception as exc:              # PIL raises many types on broken files
-            raise ValueError(f"image {path} cannot be read: {exc}") from None
+    for path, image in decoded:
         name = os.path.splitext(os.path.basename(path))[0]
         paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode, max_tokens,
-                                     args.gradcam_layer)
+                                     layer)
     return paths
 
 
@@ -108,7 +128,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         paths = run(args)
-    except (ValueError, OSError) + INPUT_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return report_input_error(exc)
     print("\n".join(paths), flush=True)
     return 0

@@ -19,6 +19,7 @@ class HeatMaps(NamedTuple):
     words: list[str]                # the words of the cleaned text (none in ITC mode)
     word_maps: list[torch.Tensor]   # [g, g] per word: the mean of its word pieces' maps
     mode: str                       # "itm" (a fusion layer's cross-attention) or "itc" (a ViT block)
+    dropped: int = 0                # words of the text past what the model reads (max_tokens), not mapped
 
 
 def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm", max_tokens: int = 30,
@@ -27,16 +28,19 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
     image-text pair: no words then. ValueError for a text that is empty once cleaned, or a bad mode
     / layer."""
     cleaned = clean_caption(text)
+    every_word = clean_caption(text, max_words=len(text))
     if not cleaned:
         raise ValueError(f"text {text!r} is empty once cleaned (lower case, no punctuation)")
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     check_gradcam(model.cfg, mode, layer)
     device = model_device(model)
     ids, mask = tokenize(tokenizer, [cleaned], max_tokens)
+    dropped = len(every_word.split(" ")) - len(cleaned.split(" ")) + words_past(tokenizer, cleaned, max_tokens)
     pixels = EvalTransform(model.cfg.vision.img_size)(image.convert("RGB"))[None].to(device)
     with evaluating(model):
         if mode == "itc":
-            return HeatMaps(itc_maps(model, pixels, ids.to(device), mask.to(device), layer)[0].cpu(), [], [], mode)
+            return HeatMaps(itc_maps(model, pixels, ids.to(device), mask.to(device), layer)[0].cpu(), [], [], mode,
+                            dropped)
         maps, _ = itm_token_maps(model, pixels, ids.to(device), mask.to(device), layer)
     maps = maps.cpu()
     pieces = tokenizer(cleaned, add_special_tokens=False, truncation=True, max_length=max_tokens - 1,
@@ -46,4 +50,16 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
         positions.setdefault(word, []).append(position)
     offsets = pieces["offset_mapping"]
     words = [cleaned[offsets[p[0] - 1][0]:offsets[p[-1] - 1][1]] for p in positions.values()]
-    return HeatMaps(sentence_maps(maps, mask)[0], words, [maps[0, p].mean(0) for p in positions.values()], mode)
+    return HeatMaps(sentence_maps(maps, mask)[0], words, [maps[0, p].mean(0) for p in positions.values()], mode,
+                    dropped)
+
+
+def words_past(tokenizer, text: str, max_tokens: int) -> int:
+    """How many words of a cleaned text lie (wholly or in part) past the first max_tokens tokens
+    ([CLS] and max_tokens - 1 word pieces): what the model does not read of it."""
+    pieces = tokenizer(text, add_special_tokens=False)
+    word_of = pieces.word_ids()
+    words = len(text.split(" "))
+    if len(word_of) <= max_tokens - 1:
+        return 0
+    return words - word_of[max_tokens - 1]

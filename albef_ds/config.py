@@ -35,9 +35,9 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
     # Position embeddings of a randomly initialised ViT: "timm" (truncated normal, std 0.02) or
-    # "sincos" (MAE's fixed 2D sin-cos table as the starting value, still learned). Trained from
-    # scratch on little data, a ViT started from timm's small values does not learn where things
-    # are (docs/retrieval.md); pretrained weights replace either.
+    # "sincos" (a 2D sin-cos table as the starting value, still learned: MAE's with its halves
+    # swapped, models/vit.py). Trained from scratch on little data, a ViT started from timm's small
+    # values does not learn where things are (docs/retrieval.md); pretrained weights replace either.
     pos_embed_init: str = "timm"
 
 

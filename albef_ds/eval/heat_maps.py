@@ -10,7 +10,7 @@ from PIL import Image
 from ..data.transforms import EvalTransform
 from ..models import evaluating
 from ..models.gradcam import check_gradcam, default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps
-from ..tokenizer import clean_caption, tokenize
+from ..tokenizer import clean_caption, tokenize, words_past
 from .inputs import model_device
 
 
@@ -53,13 +53,3 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
     return HeatMaps(sentence_maps(maps, mask)[0], words, [maps[0, p].mean(0) for p in positions.values()], mode,
                     dropped)
 
-
-def words_past(tokenizer, text: str, max_tokens: int) -> int:
-    """How many words of a cleaned text lie (wholly or in part) past the first max_tokens tokens
-    ([CLS] and max_tokens - 1 word pieces): what the model does not read of it."""
-    pieces = tokenizer(text, add_special_tokens=False)
-    word_of = pieces.word_ids()
-    words = len(text.split(" "))
-    if len(word_of) <= max_tokens - 1:
-        return 0
-    return words - word_of[max_tokens - 1]

@@ -79,6 +79,19 @@ def check_at_least(values: dict, least: int) -> None:
             raise ConfigError(f"{option} is {value}: it must be at least {least}")
 
 
+def read_lines(path: str, option: str) -> list[str]:
+    """The non-empty lines of a text file given as `option` (ConfigError naming it when it cannot
+    be read or holds none)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: {exc}") from None
+    if not lines:
+        raise ConfigError(f"{option} {path} holds no text")
+    return lines
+
+
 def eval_text_lengths(config: Optional[str], model) -> tuple[int, int]:
     """(max_tokens, max_words) of an evaluation command: the --config's data section, else ALBEF's
     evaluation length (30, 30); at most the model's positions."""

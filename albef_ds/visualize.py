@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from albef_ds.cli import INPUT_ERRORS, ArgumentParser, check_writable_folder, eval_text_lengths, report_input_error
+from albef_ds.cli import (INPUT_ERRORS, ArgumentParser, check_writable_folder, eval_text_lengths, read_lines,
+                          report_input_error)
 from albef_ds.config import ConfigError
 from albef_ds.data.samples import IMAGE_EXTENSIONS, decode_image
 from albef_ds.eval.heat_maps import heat_maps
@@ -65,14 +66,7 @@ def _images(path: str) -> list[str]:
 def _texts(args) -> list[str]:
     if args.text is not None:
         return [args.text]
-    try:
-        with open(args.texts) as f:
-            texts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--texts {args.texts}: {exc}") from None
-    if not texts:
-        raise ConfigError(f"--texts {args.texts} holds no text")
-    return texts
+    return read_lines(args.texts, "--texts")
 
 
 def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str,

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, read_lines, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.data.samples import decode_image
 from albef_ds.search.loading import load_for_index
@@ -48,14 +48,7 @@ def parse_args(argv=None):
 def _queries(args) -> list[str]:
     if args.text is not None:
         return args.text
-    try:
-        with open(args.texts, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--texts {args.texts}: {exc}") from None
-    if not texts:
-        raise ConfigError(f"--texts {args.texts} holds no query")
-    return texts
+    return read_lines(args.texts, "--texts")
 
 
 def _table(result, image_query: bool) -> str:

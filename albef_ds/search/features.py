@@ -73,7 +73,7 @@ def encode_part(model, rows: list, tokenizer, img_size: int, max_tokens: int, ma
                 row = rows[batch[j]]
                 unreadable.append({"name": row["name"], "source": row["source"], "error": p})
         if good:
-            images = torch.stack([torch.zeros(3, img_size, img_size) if isinstance(p, str) else p
+            images = torch.stack([torch.zeros(3, img_size, img_size, dtype=torch.uint8) if isinstance(p, str) else p
                                   for p in pixels]).to(device)
             batch_features = model.project_image(model.image_embeds(images)).float()
             features.append(batch_features[good].half().cpu())

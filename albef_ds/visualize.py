@@ -1,14 +1,25 @@
-"""Grad-CAM pictures of a checkpoint: where in the image the model sees each word of a text.
+"""Pictures of a checkpoint: where in the image the model sees each word of a text.
 
     python -m albef_ds.visualize --checkpoint PATH --image photo.jpg --text "a dog holding a frisbee" \
-        --output_dir DIR [--mode itm|itc] [--gradcam_layer N] [--config CFG] [--device cpu|cuda] \
-        [--trust_checkpoint]
+        --output_dir DIR [--mode itm|itc] [--layer N] [--config CFG] [--device cpu|cuda] [--trust_checkpoint]
+    python -m albef_ds.visualize --checkpoint VQA --image photo.jpg --question "what is the dog holding" \
+        --output_dir DIR (--answer_list answer_list.json | --answer frisbee) [--layer N]
+    python -m albef_ds.visualize --checkpoint PATH --image photo.jpg --text "..." --method attention \
+        --output_dir DIR [--heads mean|all|N] [--layer N]
 
 --image: an image file or a folder of them; --text: a text, or --texts FILE with one text per line
-(every image is drawn with every text). For each pair, DIR/<image>__<text>.png holds the
-sentence's heat map over the image and, in ITM mode (the default), DIR/<image>__<text>_words.png
-one panel per word, both with a colour bar. Works with any checkpoint that has an ITM head (pretrained, retrieval,
-grounding): a training folder, a converted file or a released ALBEF file. See docs/grounding.md.
+(every image is drawn with every text). Grad-CAM (the default method), for each pair:
+DIR/<image>__<text>.png holds the sentence's heat map over the image and, in ITM mode (the
+default), DIR/<image>__<text>_words.png one panel per word, both with a colour bar: any checkpoint
+with an ITM head (pretrained, retrieval, grounding). A VQA checkpoint is asked --question instead:
+DIR/<image>__<question>_answer.png holds the image, the model's top answers from --answer_list
+with their probabilities, and the Grad-CAM of the answer's log-likelihood (the best ranked, or
+--answer) for the whole question and per word. --method attention draws the raw cross-attention
+of [CLS] and each word at a fusion layer, no gradients, for any checkpoint with fusion layers and
+one image per text: DIR/<image>__<text>_attention.png averaged over the heads (--heads N: head N,
+`_attention_head<N>.png`; --heads all: a panel per head, one picture per token,
+`_attention_<i>_<token>.png`). A checkpoint is a training folder, a converted file or a released
+ALBEF file. See docs/grounding.md and docs/vqa.md.
 """
 from __future__ import annotations
 
@@ -22,11 +33,17 @@ from PIL import Image
 
 from albef_ds.cli import INPUT_ERRORS, eval_text_lengths, report_input_error
 from albef_ds.data.samples import IMAGE_EXTENSIONS, decode_image
-from albef_ds.eval.heat_maps import heat_maps
+from albef_ds.data.vqa import clean_question
+from albef_ds.eval.heat_maps import CLS, answer_heat_maps, attention_heat_maps, heat_maps
+from albef_ds.eval.vqa_answering import QUESTION_WORDS, read_answer_list
 from albef_ds.hub import load_model
 from albef_ds.models import ALBEF
-from albef_ds.pictures import heat_pictures, save_png, slug
+from albef_ds.models.gradcam import check_fusion_layer, default_gradcam_layer
+from albef_ds.models.vqa import VQAModel
+from albef_ds.pictures import answer_panels, attention_panels, head_panels, heat_pictures, save_png, slug
 from albef_ds.tokenizer import build_tokenizer
+
+METHODS = ("gradcam", "attention")
 
 
 def parse_args(argv=None):
@@ -36,11 +53,20 @@ def parse_args(argv=None):
     texts = ap.add_mutually_exclusive_group(required=True)
     texts.add_argument("--text", help="the text to draw")
     texts.add_argument("--texts", help="a file of texts, one per line")
+    texts.add_argument("--question", help="a question to a VQA checkpoint")
+    ap.add_argument("--answer", help="the answer whose Grad-CAM to draw (VQA; default: the best ranked)")
+    ap.add_argument("--answer_list", help="ALBEF's answer_list.json: the answers a VQA checkpoint ranks "
+                    "(the top ones are drawn with their probabilities)")
     ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--mode", choices=("itm", "itc"), default="itm", help="Grad-CAM of the ITM logit at a "
-                    "fusion layer (a panel per word), or of ITC at a ViT block (the sentence's map only)")
-    ap.add_argument("--gradcam_layer", type=int, default=None, help="BERT layer (itm) or ViT block (itc), "
-                    "0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
+    ap.add_argument("--method", choices=METHODS, default="gradcam", help="Grad-CAM (default), or the raw "
+                    "cross-attention of a fusion layer (no gradients)")
+    ap.add_argument("--mode", choices=("itm", "itc"), default=None, help="Grad-CAM of the ITM logit at a "
+                    "fusion layer (a panel per word; the default), or of ITC at a ViT block (the sentence's map only)")
+    ap.add_argument("--layer", "--gradcam_layer", dest="gradcam_layer", type=int, default=None,
+                    help="BERT layer (itm, VQA, attention: a fusion layer) or ViT block (itc), 0-based; default: "
+                    "ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
+    ap.add_argument("--heads", default="mean", help="raw attention: 'mean' over the heads (default), 'all' "
+                    "(a panel per head), or one head's number")
     ap.add_argument("--config", default=None, help="config to load the checkpoint into (default: its own), "
                     "whose data.max_tokens is used")
     ap.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
@@ -62,6 +88,8 @@ def _images(path: str) -> list[str]:
 
 
 def _texts(args) -> list[str]:
+    if args.question is not None:
+        return [args.question]
     if args.text is not None:
         return [args.text]
     with open(args.texts) as f:
@@ -84,13 +112,101 @@ def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[st
     return paths
 
 
+def write_answer_pictures(model, tokenizer, image: Image.Image, question: str, output_dir: str, name: str,
+                          answer: Optional[str] = None, answer_list: Optional[Sequence[str]] = None,
+                          layer: Optional[int] = None) -> list[str]:
+    """A VQA checkpoint's answer to `question` (the best ranked of `answer_list`, or `answer`), with
+    its top answers and the answer's Grad-CAM per question word: `<name>__<question>_answer.png`."""
+    maps = answer_heat_maps(model, tokenizer, image, question, answer, answer_list, layer=layer)
+    picture = answer_panels(image, maps.question, maps.answer, maps.ranked, maps.maps.sentence, maps.maps.words,
+                            maps.maps.word_maps)
+    return [save_png(picture, os.path.join(output_dir, f"{name}__{slug(question)}_answer.png"))]
+
+
+def write_attention_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str, name: str,
+                             heads: str = "mean", max_tokens: int = 30, layer: Optional[int] = None,
+                             question: bool = False) -> list[str]:
+    """The raw cross-attention of [CLS] and each word of each text at fusion layer `layer`: heads
+    "mean" `<name>__<text>_attention.png` (averaged over the heads), a head's number
+    `_attention_head<N>.png`, "all" one picture per token with a panel per head,
+    `_attention_<i>_<token>.png`. `question`: the texts are VQA questions."""
+    layer = default_gradcam_layer(model.cfg, "itm") if layer is None else layer
+    paths = []
+    for text in texts:
+        maps = attention_heat_maps(model, tokenizer, [image], text, max_tokens, layer, question)
+        per_head = maps.maps[0]                                            # [heads, tokens, g, g]
+        stem = os.path.join(output_dir, f"{name}__{slug(text)}_attention")
+        if heads == "all":
+            for i, token in enumerate(maps.tokens):
+                title = f"{token} in '{text}': raw attention per head, layer {layer}"
+                paths.append(save_png(head_panels(image, title, per_head[:, i]),
+                                      f"{stem}_{i}_{'cls' if token == CLS else slug(token)}.png"))
+            continue
+        chosen, suffix, which = ((per_head.mean(0), "", "mean of the heads") if heads == "mean"
+                                 else (per_head[int(heads)], f"_head{int(heads)}", f"head {int(heads)}"))
+        title = f"{text}: raw attention, layer {layer}, {which}"
+        paths.append(save_png(attention_panels(image, title, maps.tokens, chosen), f"{stem}{suffix}.png"))
+    return paths
+
+
+def check_request(args) -> None:
+    """The arguments that need no model: combinations, the question and answer, the answer list.
+    ValueError naming the option."""
+    if args.question is not None:
+        if not clean_question(args.question, QUESTION_WORDS):
+            raise ValueError(f"--question {args.question!r} is empty once cleaned (lower case, no punctuation)")
+        if args.method == "gradcam" and args.answer is None and args.answer_list is None:
+            raise ValueError("--question: VQA pictures need the answer to draw: --answer, or --answer_list "
+                             "(ALBEF's answer_list.json) for the model to rank")
+        if args.answer is not None and not args.answer.strip():
+            raise ValueError("--answer is empty")
+    elif args.answer is not None or args.answer_list is not None:
+        raise ValueError("--answer and --answer_list go with --question (a VQA checkpoint)")
+    if args.mode is not None and (args.method != "gradcam" or args.question is not None):
+        raise ValueError("--mode chooses ITM or ITC Grad-CAM of a caption: not for --method attention or --question")
+    if args.method != "attention" and args.heads != "mean":
+        raise ValueError("--heads goes with --method attention")
+    if args.heads not in ("mean", "all") and not args.heads.isdigit():
+        raise ValueError(f"--heads {args.heads}: 'mean', 'all' or a head's number")
+
+
+def check_model(args, model) -> None:
+    """The arguments against the loaded model: its kind, the layer, the head. ValueError naming them."""
+    kind = type(model).__name__
+    if args.question is not None and not isinstance(model, VQAModel):
+        raise ValueError(f"--question: checkpoint {args.checkpoint} holds a {kind}, not a VQA model "
+                         "(a caption goes in --text)")
+    if args.question is None and isinstance(model, VQAModel):
+        raise ValueError(f"checkpoint {args.checkpoint} holds a VQA model: ask it with --question")
+    if args.method == "attention":
+        encoder = getattr(model, "text_encoder", None)
+        if not hasattr(encoder, "fuse"):
+            raise ValueError(f"checkpoint {args.checkpoint} holds a {kind}, which has no fusion layers")
+        if encoder.images_per_text != 1:
+            raise ValueError(f"checkpoint {args.checkpoint} holds a {kind}, which reads {encoder.images_per_text} "
+                             "images per text: visualize draws models of one image per text")
+        if args.gradcam_layer is not None:
+            check_fusion_layer(model.cfg, args.gradcam_layer, "--layer")
+        if args.heads.isdigit() and int(args.heads) >= model.cfg.text.heads:
+            raise ValueError(f"--heads {args.heads}: the model's cross-attention has {model.cfg.text.heads} heads "
+                             f"(0..{model.cfg.text.heads - 1})")
+    elif isinstance(model, VQAModel):
+        if args.gradcam_layer is not None:
+            check_fusion_layer(model.cfg, args.gradcam_layer, "--layer")
+    elif not isinstance(model, ALBEF):
+        raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head "
+                         "(--method attention draws its raw attention)")
+
+
 def run(args) -> list[str]:
+    check_request(args)
     images, texts = _images(args.image), _texts(args)
+    answer_list = read_answer_list(args.answer_list) if args.answer_list is not None else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
-    if not isinstance(model, ALBEF):
-        raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head")
-    max_tokens, _ = eval_text_lengths(args.config, model)
+    check_model(args, model)
+    vqa = isinstance(model, VQAModel)
+    max_tokens = model.cfg.text.max_position if vqa else eval_text_lengths(args.config, model)[0]
     tokenizer = build_tokenizer(model.cfg.text.tokenizer)
     paths = []
     for path in images:
@@ -99,8 +215,15 @@ def run(args) -> list[str]:
         except Exception as exc:              # PIL raises many types on broken files
             raise ValueError(f"image {path} cannot be read: {exc}") from None
         name = os.path.splitext(os.path.basename(path))[0]
-        paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode, max_tokens,
-                                     args.gradcam_layer)
+        if args.method == "attention":
+            paths += write_attention_pictures(model, tokenizer, image, texts, args.output_dir, name, args.heads,
+                                              max_tokens, args.gradcam_layer, question=vqa)
+        elif vqa:
+            paths += write_answer_pictures(model, tokenizer, image, args.question, args.output_dir, name,
+                                           args.answer, answer_list, args.gradcam_layer)
+        else:
+            paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode or "itm",
+                                         max_tokens, args.gradcam_layer)
     return paths
 
 

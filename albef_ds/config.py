@@ -170,6 +170,9 @@ class EvalConfig:
     # the share of an evaluation set's items that may be left out (unreadable images, empty texts)
     # before the evaluation is refused: 0, none (a metric over what is left is not the set's)
     max_skipped: float = 0.0
+    # pictures of this many evaluation items (the first ones, the same each time) at every evaluation
+    # of a training run, in TensorBoard (tb/, `pictures/...`); 0: none
+    pictures: int = 4
 
 
 # The least value each number may take; a value below stops the run before anything is built
@@ -182,7 +185,7 @@ MINIMUMS = {
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
     "train.max_bad_steps": 1, "train.max_micro_batch": 0,
-    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0, "eval.max_skipped": 0.0,
+    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0, "eval.max_skipped": 0.0, "eval.pictures": 0,
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

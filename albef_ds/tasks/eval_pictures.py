@@ -4,12 +4,16 @@ items of the evaluation set that this rank holds the images of, the same at ever
 that a reader watches the maps change as the model learns. Each task picks its kind through
 Task.eval_pictures; maps come from albef_ds.eval.heat_maps, drawing from albef_ds.pictures.
 
-An item whose image cannot be read is left out (at every evaluation alike).
+An item whose image cannot be read is left out (at every evaluation alike). The pictures are
+made on one CPU thread: a picture is hundreds of small ops, each of which a second thread's
+synchronisation slowed by 3-10x on the shared 2-core machine (docs/grounding.md, "Pictures").
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
+import torch
 from PIL import Image
 
 from ..data.samples import decode_image
@@ -20,6 +24,18 @@ from ..eval.retrieval import RetrievalSet
 from ..eval.vqa_answering import VQASet
 from ..models.gradcam import resize_map
 from ..pictures import answer_panels, class_panels, grounding_panels, word_panels
+
+
+def _on_one_thread(draw: Callable) -> Callable:
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return draw(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return drawn
 
 
 def _readable(sources: list, count: int) -> list[tuple[int, list[Image.Image]]]:
@@ -39,6 +55,7 @@ def _readable(sources: list, count: int) -> list[tuple[int, list[Image.Image]]]:
     return out
 
 
+@_on_one_thread
 def caption_pictures(model, data: RetrievalSet, tokenizer, count: int, max_tokens: int) -> dict[str, Image.Image]:
     """Pretraining and retrieval: each item's first caption, its ITM Grad-CAM per word."""
     out = {}
@@ -49,6 +66,7 @@ def caption_pictures(model, data: RetrievalSet, tokenizer, count: int, max_token
     return out
 
 
+@_on_one_thread
 def grounding_pictures(model, data: GroundingSet, tokenizer, count: int, max_tokens: int, mode: str,
                        layer: Optional[int]) -> dict[str, Image.Image]:
     """Grounding: each expression's map (the evaluation's mode and layer) with the proposal it
@@ -63,6 +81,7 @@ def grounding_pictures(model, data: GroundingSet, tokenizer, count: int, max_tok
     return out
 
 
+@_on_one_thread
 def vqa_pictures(model, data: VQASet, answer_list: list[str], tokenizer, count: int,
                  k_test: int) -> dict[str, Image.Image]:
     """VQA: each question's best-ranked answer (ALBEF's ranking of the answer list) with the
@@ -75,6 +94,7 @@ def vqa_pictures(model, data: VQASet, answer_list: list[str], tokenizer, count: 
     return out
 
 
+@_on_one_thread
 def classification_pictures(model, data: LabelledSet, labels: dict, tokenizer, count: int,
                             max_tokens: int) -> dict[str, Image.Image]:
     """NLVR2 / SNLI-VE: the Grad-CAM of the predicted class (the [CLS] head's logit, averaged over

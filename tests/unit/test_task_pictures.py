@@ -205,3 +205,37 @@ def test_the_demo_ends_with_caption_grad_cam_and_raw_attention(tmp_path, capsys)
     last = capsys.readouterr().out.strip().splitlines()[-2:]
     assert last[0].startswith("Grad-CAM pictures of held-out images: ") and last[1].startswith("raw attention")
     assert all(p in "\n".join(last) for p in paths)
+
+
+def test_the_trainer_logs_the_tasks_pictures_when_asked_and_only_then(tmp_path):
+    """eval.pictures: 0 asks the task for nothing; N asks for N and the logger writes each picture
+    as a TensorBoard image `pictures/<name>` at the step. A negative count is a config error."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    from albef_ds.config import ConfigError
+    from albef_ds.engine.log import MetricsLogger
+    from albef_ds.engine.trainer import Trainer
+
+    asked = []
+
+    def eval_pictures(evaluator, model, count):
+        asked.append(count)
+        return {"caption_0": Image.new("RGB", (40, 30), "red")}
+
+    log = MetricsLogger(str(tmp_path), 10, enabled=True)
+    trainer = SimpleNamespace(task=SimpleNamespace(eval_pictures=eval_pictures), evaluator=None, log=log,
+                              state=SimpleNamespace(step=3), cfg=load_config("tiny", ["eval.pictures=0"]))
+    Trainer._log_pictures(trainer, None)
+    assert asked == []
+    trainer.cfg = load_config("tiny", ["eval.pictures=2"])
+    Trainer._log_pictures(trainer, None)
+    log.close()
+    assert asked == [2]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={IMAGES: 0})
+    events.Reload()
+    (image,) = events.Images("pictures/caption_0")
+    assert (image.step, image.width, image.height) == (3, 40, 30)
+    with pytest.raises(ConfigError, match="eval.pictures is -1: it must be at least 0"):
+        load_config("tiny", ["eval.pictures=-1"])

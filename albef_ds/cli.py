@@ -3,9 +3,10 @@ value, printed once (rank 0), exit status 2, no traceback (unexpected errors kee
 process group a command runs in; the text lengths of evaluation commands."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from . import distributed
 from .config import ConfigError, load_config
@@ -15,6 +16,16 @@ from .fileio import ConversionError
 # ConversionError the checkpoint file, tag or key).
 INPUT_ERRORS = (ConfigError, ConversionError)
 EXIT_INPUT_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a mistake on the command line (an unknown option, a missing one, a
+    value of the wrong type) said as every other input error is: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if distributed.rank() == 0:
+            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)
 
 
 def report_input_error(exc: Exception) -> int:
@@ -66,6 +77,19 @@ def check_at_least(values: dict, least: int) -> None:
     for option, value in values.items():
         if value is not None and value < least:
             raise ConfigError(f"{option} is {value}: it must be at least {least}")
+
+
+def read_lines(path: str, option: str) -> list[str]:
+    """The non-empty lines of a text file given as `option` (ConfigError naming it when it cannot
+    be read or holds none)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: {exc}") from None
+    if not lines:
+        raise ConfigError(f"{option} {path} holds no text")
+    return lines
 
 
 def eval_text_lengths(config: Optional[str], model) -> tuple[int, int]:

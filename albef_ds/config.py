@@ -35,9 +35,9 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
     # Position embeddings of a randomly initialised ViT: "timm" (truncated normal, std 0.02) or
-    # "sincos" (MAE's fixed 2D sin-cos table as the starting value, still learned). Trained from
-    # scratch on little data, a ViT started from timm's small values does not learn where things
-    # are (docs/retrieval.md); pretrained weights replace either.
+    # "sincos" (a 2D sin-cos table as the starting value, still learned: MAE's with its halves
+    # swapped, models/vit.py). Trained from scratch on little data, a ViT started from timm's small
+    # values does not learn where things are (docs/retrieval.md); pretrained weights replace either.
     pos_embed_init: str = "timm"
 
 
@@ -147,11 +147,9 @@ class TrainConfig:
     elastic_batch: str = "keep"
     max_micro_batch: int = 0         # the largest micro batch one rank's memory holds (0: no limit)
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
-    # torch.compile each transformer layer (fuses the element-wise work between the matmuls;
-    # see docs/benchmarks.md for what it buys on GPU). ZeRO stages 0-2 only.
+    # torch.compile each transformer layer, ZeRO stages 0-2 (what it buys on GPU: docs/benchmarks.md);
+    # compile_mode "reduce-overhead" also replays each layer's kernels as CUDA graphs (GPU only)
     compile: bool = False
-    # torch.compile's mode for them: "reduce-overhead" also records each layer's kernels as CUDA
-    # graphs, replayed with one launch (GPU only; on CPU it compiles as "default").
     compile_mode: str = "default"
     output_dir: str = "output"
 
@@ -159,16 +157,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """The task's evaluation: after every `every_epochs` epochs of training (0: never) and by
-    albef_ds.evaluate. `data`: the task's evaluation file (ALBEF's JSON, with image_root) or shard
-    patterns; empty: the held-out split of the generated corpus when there is one."""
+    albef_ds.evaluate. `data`: the task's evaluation files (ALBEF's JSON, with image_root) or shard
+    patterns (the demo sets its generated corpus' held-out split)."""
     data: list[str] = field(default_factory=list)
     image_root: str = ""
     k_test: int = 128                # candidates re-ranked per query (retrieval, VQA answers)
     batch_size: int = 64
     every_epochs: int = 0
     select_metric: str = ""          # the checkpoint kept as `best`; empty: the task's choice
-    # the share of an evaluation set's items that may be left out (unreadable images, empty texts)
-    # before the evaluation is refused: 0, none (a metric over what is left is not the set's)
+    # the share of a set's items that may be left out (unreadable images...): 0, none (docs/failures.md)
     max_skipped: float = 0.0
     # pictures of this many evaluation items (the first ones, the same each time) at every evaluation
     # of a training run, in TensorBoard (tb/, `pictures/...`); 0: none
@@ -180,7 +177,7 @@ class EvalConfig:
 MINIMUMS = {
     "model.embed_dim": 1, "model.queue_size": 1,
     "data.workers": 0, "data.epoch_samples": 0, "data.shuffle_buffer": 1, "data.open_shards": 1, "data.max_words": 1,
-    "data.max_tokens": 2,                                  # [CLS] and one word
+    "data.max_tokens": 2,  # [CLS] and one word
     "train.batch_size": 1, "train.grad_accum": 1, "train.epochs": 0, "train.max_steps": 0,
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
@@ -272,10 +269,8 @@ def _convert(hint, value, path):
 def _expected(hint) -> str:
     """What a type hint asks for, in words."""
     words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
-    if hint in words:
-        return words[hint]
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
+    if hint in words or dataclasses.is_dataclass(hint):
+        return words.get(hint, "a mapping")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         return " or ".join("null" if a is type(None) else _expected(a) for a in args)

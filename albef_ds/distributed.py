@@ -6,6 +6,7 @@ Every rank must call these in the same order: they are collectives.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Optional
@@ -97,11 +98,34 @@ def init_distributed() -> bool:
     os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    # torch's own process group (DeepSpeed's engine takes it over when training builds one): a
+    # command that does not train does not import DeepSpeed
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    return True
+
+
+class _Unsaid(logging.Filter):
+    """Drops the records that start with one of `starts`."""
+
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def import_deepspeed():
+    """DeepSpeed, imported without the start-up lines it and torch's extension builder log on a
+    machine without a GPU ("Setting accelerator to CPU", "No CUDA runtime is found"): they read
+    like errors, on every rank, and say nothing a user can act on. The trainer says once that it
+    runs on the CPU (albef_ds.engine.build)."""
+    if not torch.cuda.is_available():
+        logging.getLogger("DeepSpeed").addFilter(_Unsaid("Setting accelerator to CPU"))
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_Unsaid("No CUDA runtime is found"))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
-    return True
+    return deepspeed
 
 
 def shutdown() -> None:

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from albef_ds import distributed as dist
-from albef_ds.cli import check_at_least, check_writable_folder, run_in_process_group
+from albef_ds.cli import ArgumentParser, check_at_least, check_writable_folder, run_in_process_group
 from albef_ds.config import ConfigError
 from albef_ds.eval.inputs import check_skipped
 from albef_ds.fileio import atomic_write
@@ -29,7 +29,7 @@ METRICS_FILE = "metrics.json"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ALBEF-DS evaluation")
+    ap = ArgumentParser(description="ALBEF-DS evaluation")
     sub = ap.add_subparsers(dest="task", required=True)
     for name in task_names():
         cls = task_class(name)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from albef_ds import distributed as dist
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.search.ann import KINDS
 from albef_ds.search.build import build_index, check_output, make_plan
@@ -30,7 +30,7 @@ from albef_ds.search.store import IMAGE_ROWS, UNREADABLE
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ALBEF-DS: index the images of a collection")
+    ap = ArgumentParser(description="ALBEF-DS: index the images of a collection")
     ap.add_argument("--checkpoint", required=True, help="a training folder, a converted file or a released ALBEF "
                     "file, with an ITM head")
     ap.add_argument("--data", required=True, help="shard pattern, annotation JSON, synthetic.json, or a folder of "

@@ -10,7 +10,6 @@ and docs/search.md. Binds to the loopback interface unless --host says otherwise
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import os
@@ -20,7 +19,7 @@ import sys
 import torch
 import uvicorn
 
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.eval.vqa_answering import read_answer_list
 from albef_ds.hub import load_model
@@ -33,7 +32,7 @@ from albef_ds.search.web import Limits, ServedIndex, create_app
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m albef_ds.serve", description="ALBEF-DS: the search page")
+    ap = ArgumentParser(prog="python -m albef_ds.serve", description="ALBEF-DS: the search page")
     ap.add_argument("--index", action="append", required=True, metavar="[NAME=]FOLDER",
                     help="an index folder (repeat for several; NAME defaults to the folder's name)")
     ap.add_argument("--checkpoint", default=None, help="the model to search with (default: the first index's)")

@@ -54,3 +54,14 @@ def tokenize(tokenizer: BertTokenizerFast, captions: list[str], max_length: int)
     ids = torch.cat([torch.full((n, 1), tokenizer.cls_token_id), out["input_ids"]], 1)
     mask = torch.cat([torch.ones(n, 1, dtype=out["attention_mask"].dtype), out["attention_mask"]], 1)
     return ids, mask
+
+
+def words_past(tokenizer, text: str, max_tokens: int) -> int:
+    """How many words of a cleaned text lie (wholly or in part) past the first max_tokens tokens
+    ([CLS] and max_tokens - 1 word pieces): what the model does not read of it."""
+    pieces = tokenizer(text, add_special_tokens=False)
+    word_of = pieces.word_ids()
+    words = len(text.split(" "))
+    if len(word_of) <= max_tokens - 1:
+        return 0
+    return words - word_of[max_tokens - 1]

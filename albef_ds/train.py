@@ -12,14 +12,14 @@ import argparse
 import sys
 
 from albef_ds import distributed as dist
-from albef_ds.cli import run_in_process_group
+from albef_ds.cli import ArgumentParser, run_in_process_group
 from albef_ds.config import Config, load_config
 from albef_ds.engine import Trainer
 
 
 def parse_args(argv=None, config_help: str = "project config: a yaml path or a shipped name",
                config_default=None):
-    ap = argparse.ArgumentParser(description="ALBEF training with DeepSpeed ZeRO")
+    ap = ArgumentParser(description="ALBEF training with DeepSpeed ZeRO")
     ap.add_argument("--deepspeed", required=True, metavar="JSON", help="DeepSpeed config (ds_configs/zeroN.json)")
     ap.add_argument("--config", required=config_default is None, default=config_default, help=config_help)
     ap.add_argument("--output_dir", default=None, help="default: train.output_dir of the config")

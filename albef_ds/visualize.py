@@ -23,7 +23,6 @@ ALBEF file. See docs/grounding.md and docs/vqa.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
@@ -31,23 +30,25 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from albef_ds.cli import INPUT_ERRORS, eval_text_lengths, report_input_error
+from albef_ds.cli import (INPUT_ERRORS, ArgumentParser, check_writable_folder, eval_text_lengths, read_lines,
+                          report_input_error)
+from albef_ds.config import ConfigError
 from albef_ds.data.samples import IMAGE_EXTENSIONS, decode_image
 from albef_ds.data.vqa import clean_question
 from albef_ds.eval.heat_maps import CLS, answer_heat_maps, attention_heat_maps, heat_maps
 from albef_ds.eval.vqa_answering import QUESTION_WORDS, read_answer_list
 from albef_ds.hub import load_model
 from albef_ds.models import ALBEF
-from albef_ds.models.gradcam import check_fusion_layer, default_gradcam_layer
+from albef_ds.models.gradcam import check_fusion_layer, check_gradcam, default_gradcam_layer
 from albef_ds.models.vqa import VQAModel
 from albef_ds.pictures import answer_panels, attention_panels, head_panels, heat_pictures, save_png, slug
-from albef_ds.tokenizer import build_tokenizer
+from albef_ds.tokenizer import build_tokenizer, clean_caption
 
 METHODS = ("gradcam", "attention")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Grad-CAM pictures: where the model sees each word")
+    ap = ArgumentParser(description="Grad-CAM pictures: where the model sees each word")
     ap.add_argument("--checkpoint", required=True, help="a training folder, a converted file or a released ALBEF file")
     ap.add_argument("--image", required=True, help="an image file, or a folder of images")
     texts = ap.add_mutually_exclusive_group(required=True)
@@ -62,9 +63,10 @@ def parse_args(argv=None):
                     "cross-attention of a fusion layer (no gradients)")
     ap.add_argument("--mode", choices=("itm", "itc"), default=None, help="Grad-CAM of the ITM logit at a "
                     "fusion layer (a panel per word; the default), or of ITC at a ViT block (the sentence's map only)")
-    ap.add_argument("--layer", "--gradcam_layer", dest="gradcam_layer", type=int, default=None,
-                    help="BERT layer (itm, VQA, attention: a fusion layer) or ViT block (itc), 0-based; default: "
-                    "ALBEF's at the same relative depth (layer 8 / block 8 of the base model)")
+    ap.add_argument("--layer", type=int, default=None, help="BERT layer (itm, VQA, attention: a fusion layer) "
+                    "or ViT block (itc), 0-based; default: ALBEF's at the same relative depth (layer 8 / block 8 "
+                    "of the base model)")
+    ap.add_argument("--gradcam_layer", type=int, default=None, help="the same as --layer (its first name)")
     ap.add_argument("--heads", default="mean", help="raw attention: 'mean' over the heads (default), 'all' "
                     "(a panel per head), or one head's number")
     ap.add_argument("--config", default=None, help="config to load the checkpoint into (default: its own), "
@@ -80,10 +82,10 @@ def _images(path: str) -> list[str]:
         found = sorted(os.path.join(path, n) for n in os.listdir(path)
                        if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         if not found:
-            raise ValueError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ConfigError(f"--image {path}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         return found
     if not os.path.isfile(path):
-        raise ValueError(f"image {path}: no such file or folder")
+        raise ConfigError(f"--image {path}: no such file or folder")
     return [path]
 
 
@@ -92,11 +94,7 @@ def _texts(args) -> list[str]:
         return [args.question]
     if args.text is not None:
         return [args.text]
-    with open(args.texts) as f:
-        texts = [line.strip() for line in f if line.strip()]
-    if not texts:
-        raise ValueError(f"text file {args.texts} holds no text")
-    return texts
+    return read_lines(args.texts, "--texts")
 
 
 def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[str], output_dir: str,
@@ -106,9 +104,12 @@ def write_heat_pictures(model, tokenizer, image: Image.Image, texts: Sequence[st
     (the sentence's map). Returns the paths."""
     paths = []
     for text in texts:
-        pictures = heat_pictures(image, text, heat_maps(model, tokenizer, image, text, mode, max_tokens, layer))
+        maps = heat_maps(model, tokenizer, image, text, mode, max_tokens, layer)
+        if maps.dropped:
+            print(f"note: {text!r} is longer than the model reads ({max_tokens} tokens): its last "
+                  f"{maps.dropped} word(s) are not in the pictures", file=sys.stderr, flush=True)
         stem = os.path.join(output_dir, f"{name}__{slug(text)}")
-        paths += [save_png(picture, f"{stem}{suffix}.png") for suffix, picture in pictures.items()]
+        paths += [save_png(picture, f"{stem}{suffix}.png") for suffix, picture in heat_pictures(image, text, maps).items()]
     return paths
 
 
@@ -149,81 +150,114 @@ def write_attention_pictures(model, tokenizer, image: Image.Image, texts: Sequen
     return paths
 
 
-def check_request(args) -> None:
-    """The arguments that need no model: combinations, the question and answer, the answer list.
-    ValueError naming the option."""
+def check_request(args, texts: Sequence[str]) -> None:
+    """The arguments that need no model: combinations, the texts, the question and answer.
+    ConfigError naming the option."""
     if args.question is not None:
         if not clean_question(args.question, QUESTION_WORDS):
-            raise ValueError(f"--question {args.question!r} is empty once cleaned (lower case, no punctuation)")
+            raise ConfigError(f"--question {args.question!r} is empty once cleaned (lower case, no punctuation)")
         if args.method == "gradcam" and args.answer is None and args.answer_list is None:
-            raise ValueError("--question: VQA pictures need the answer to draw: --answer, or --answer_list "
-                             "(ALBEF's answer_list.json) for the model to rank")
+            raise ConfigError("--question: VQA pictures need the answer to draw: --answer, or --answer_list "
+                              "(ALBEF's answer_list.json) for the model to rank")
         if args.answer is not None and not args.answer.strip():
-            raise ValueError("--answer is empty")
-    elif args.answer is not None or args.answer_list is not None:
-        raise ValueError("--answer and --answer_list go with --question (a VQA checkpoint)")
+            raise ConfigError("--answer is empty")
+    else:
+        empty = [t for t in texts if not clean_caption(t)]
+        if empty:
+            raise ConfigError(f"text {empty[0]!r} is empty once cleaned (lower case, no punctuation)")
+        if args.answer is not None or args.answer_list is not None:
+            raise ConfigError("--answer and --answer_list go with --question (a VQA checkpoint)")
     if args.mode is not None and (args.method != "gradcam" or args.question is not None):
-        raise ValueError("--mode chooses ITM or ITC Grad-CAM of a caption: not for --method attention or --question")
+        raise ConfigError("--mode chooses ITM or ITC Grad-CAM of a caption: not for --method attention or --question")
     if args.method != "attention" and args.heads != "mean":
-        raise ValueError("--heads goes with --method attention")
+        raise ConfigError("--heads goes with --method attention")
     if args.heads not in ("mean", "all") and not args.heads.isdigit():
-        raise ValueError(f"--heads {args.heads}: 'mean', 'all' or a head's number")
+        raise ConfigError(f"--heads {args.heads}: 'mean', 'all' or a head's number")
+    if args.layer is not None and args.gradcam_layer is not None:
+        raise ConfigError("--layer and --gradcam_layer name the same layer: give one")
 
 
-def check_model(args, model) -> None:
-    """The arguments against the loaded model: its kind, the layer, the head. ValueError naming them."""
+def _layer_option(args) -> tuple[str, Optional[int]]:
+    """(the option the user named the layer with, the layer or None)."""
+    return ("--gradcam_layer", args.gradcam_layer) if args.gradcam_layer is not None else ("--layer", args.layer)
+
+
+def check_model(args, model) -> Optional[int]:
+    """The arguments against the loaded model: its kind, the layer, the head (ConfigError naming
+    them); returns the layer to draw (None: the default of the kind of map)."""
     kind = type(model).__name__
     if args.question is not None and not isinstance(model, VQAModel):
-        raise ValueError(f"--question: checkpoint {args.checkpoint} holds a {kind}, not a VQA model "
-                         "(a caption goes in --text)")
+        raise ConfigError(f"--question: checkpoint {args.checkpoint} holds a {kind}, not a VQA model "
+                          "(a caption goes in --text)")
     if args.question is None and isinstance(model, VQAModel):
-        raise ValueError(f"checkpoint {args.checkpoint} holds a VQA model: ask it with --question")
+        raise ConfigError(f"checkpoint {args.checkpoint} holds a {kind}, which has no ITM head: ask it with "
+                          "--question")
+    option, layer = _layer_option(args)
     if args.method == "attention":
         encoder = getattr(model, "text_encoder", None)
         if not hasattr(encoder, "fuse"):
-            raise ValueError(f"checkpoint {args.checkpoint} holds a {kind}, which has no fusion layers")
+            raise ConfigError(f"checkpoint {args.checkpoint} holds a {kind}, which has no fusion layers")
         if encoder.images_per_text != 1:
-            raise ValueError(f"checkpoint {args.checkpoint} holds a {kind}, which reads {encoder.images_per_text} "
-                             "images per text: visualize draws models of one image per text")
-        if args.gradcam_layer is not None:
-            check_fusion_layer(model.cfg, args.gradcam_layer, "--layer")
+            raise ConfigError(f"checkpoint {args.checkpoint} holds a {kind}, which reads {encoder.images_per_text} "
+                              "images per text: visualize draws models of one image per text")
         if args.heads.isdigit() and int(args.heads) >= model.cfg.text.heads:
-            raise ValueError(f"--heads {args.heads}: the model's cross-attention has {model.cfg.text.heads} heads "
-                             f"(0..{model.cfg.text.heads - 1})")
-    elif isinstance(model, VQAModel):
-        if args.gradcam_layer is not None:
-            check_fusion_layer(model.cfg, args.gradcam_layer, "--layer")
-    elif not isinstance(model, ALBEF):
-        raise ValueError(f"checkpoint {args.checkpoint} holds a {type(model).__name__}, which has no ITM head "
-                         "(--method attention draws its raw attention)")
+            raise ConfigError(f"--heads {args.heads}: the model's cross-attention has {model.cfg.text.heads} heads "
+                              f"(0..{model.cfg.text.heads - 1})")
+    elif not isinstance(model, (ALBEF, VQAModel)):
+        raise ConfigError(f"checkpoint {args.checkpoint} holds a {kind}, which has no ITM head "
+                          "(--method attention draws its raw attention)")
+    if args.method == "gradcam" and isinstance(model, ALBEF):
+        mode = args.mode or "itm"
+        layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
+        try:
+            check_gradcam(model.cfg, mode, layer)
+        except ValueError as exc:
+            raise ConfigError(f"{option} {layer}: {exc}") from None
+    elif layer is not None:
+        try:
+            check_fusion_layer(model.cfg, layer, option)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return layer
 
 
 def run(args) -> list[str]:
-    check_request(args)
-    images, texts = _images(args.image), _texts(args)
-    answer_list = read_answer_list(args.answer_list) if args.answer_list is not None else None
+    """Every input is checked (the texts or the question, the answer list, every image decoded, the
+    output folder, the checkpoint, the layer and head) before the first picture is drawn: a mistake
+    writes nothing."""
+    texts = _texts(args)
+    check_request(args, texts)
+    answer_list = None
+    if args.answer_list is not None:
+        try:
+            answer_list = read_answer_list(args.answer_list)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--answer_list: {exc}") from None
+    decoded = []
+    for path in _images(args.image):
+        try:
+            decoded.append((path, decode_image(path)))
+        except Exception as exc:              # PIL raises many types on broken files
+            raise ConfigError(f"image {path} cannot be read: {exc}") from None
+    check_writable_folder(args.output_dir, "--output_dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, config=args.config, device=device, trusted=args.trust_checkpoint)
-    check_model(args, model)
+    layer = check_model(args, model)
     vqa = isinstance(model, VQAModel)
     max_tokens = model.cfg.text.max_position if vqa else eval_text_lengths(args.config, model)[0]
     tokenizer = build_tokenizer(model.cfg.text.tokenizer)
     paths = []
-    for path in images:
-        try:
-            image = decode_image(path)
-        except Exception as exc:              # PIL raises many types on broken files
-            raise ValueError(f"image {path} cannot be read: {exc}") from None
+    for path, image in decoded:
         name = os.path.splitext(os.path.basename(path))[0]
         if args.method == "attention":
             paths += write_attention_pictures(model, tokenizer, image, texts, args.output_dir, name, args.heads,
-                                              max_tokens, args.gradcam_layer, question=vqa)
+                                              max_tokens, layer, question=vqa)
         elif vqa:
             paths += write_answer_pictures(model, tokenizer, image, args.question, args.output_dir, name,
-                                           args.answer, answer_list, args.gradcam_layer)
+                                           args.answer, answer_list, layer)
         else:
             paths += write_heat_pictures(model, tokenizer, image, texts, args.output_dir, name, args.mode or "itm",
-                                         max_tokens, args.gradcam_layer)
+                                         max_tokens, layer)
     return paths
 
 
@@ -231,7 +265,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         paths = run(args)
-    except (ValueError, OSError) + INPUT_ERRORS as exc:
+    except INPUT_ERRORS as exc:
         return report_input_error(exc)
     print("\n".join(paths), flush=True)
     return 0

@@ -36,13 +36,13 @@ import subprocess
 import tempfile
 import time
 
+import make_photo_shards
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+import transforms_reference as reference
 from torchvision.transforms import InterpolationMode
 
-import make_photo_shards
-import transforms_reference as reference
 from albef_ds.config import DataConfig
 from albef_ds.data import CaptionCodec, EvalTransform, ShardStream, TrainTransform
 from albef_ds.data import transforms as today

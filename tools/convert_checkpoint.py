@@ -16,12 +16,12 @@ import os
 import sys
 
 from albef_ds.checkpoint.files import DTYPES, FORMAT, RELEASED, convert
-from albef_ds.cli import INPUT_ERRORS, check_writable_file, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, check_writable_file, report_input_error
 from albef_ds.config import ConfigError, load_config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="training output folder (DIR, DIR/checkpoints or DIR/checkpoints/<tag>), "

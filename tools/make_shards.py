@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from albef_ds.cli import INPUT_ERRORS, check_at_least, check_writable_folder, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, check_at_least, check_writable_folder, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.data.annotations import CAPTIONS, VQA_TRAIN, check_entries
 from albef_ds.data.shards import make_shards, read_annotations
@@ -44,7 +44,7 @@ def read_entries(paths: list[str], image_root: str, schema: dict) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", nargs="+", required=True, help="ALBEF annotation JSON file(s)")
     parser.add_argument("--image-root", required=True, help="folder the annotation image paths start from")
     parser.add_argument("--out", required=True, help="output folder")

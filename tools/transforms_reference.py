@@ -139,5 +139,6 @@ def build_transform(img_size: int, augment: bool, crop_scale=(0.2, 1.0)):
 def decode_image(source) -> Image.Image:
     """albef_ds.data.samples.decode_image as it was: an RGB PIL image from encoded bytes or a path."""
     import io
+
     # convert() forces the full decode, so a truncated file fails here.
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")

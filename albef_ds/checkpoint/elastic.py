@@ -153,6 +153,7 @@ def universal_folder(ckpt_dir: str, tag: str) -> str:
     folder = os.path.join(ckpt_dir, tag)
     target = os.path.join(folder, UNIVERSAL)
     if distributed.rank() == 0 and not os.path.isdir(target):
+        distributed.import_deepspeed()
         from deepspeed.checkpoint import ds_to_universal
 
         tmp = os.path.join(folder, f".{UNIVERSAL}.tmp")

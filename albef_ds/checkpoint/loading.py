@@ -84,7 +84,8 @@ def load_inference_model(path: str, config=None, device: Union[str, torch.device
     state = prepare(ckpt.state_dict, model_layout(ckpt.config), momentum=False)
     inference = layout_of(model)
     result = model.load_state_dict({k: v for k, v in state.items() if k in inference.shapes}, strict=False)
-    report = Report(missing=[k for k in result.missing_keys if k in inference.keys],
+    # a fine-tuned release has no MLM head (ALBEF drops it when fine-tuning): nothing to act on
+    report = Report(missing=[k for k in result.missing_keys if k in inference.keys and not inference.is_optional_head(k)],
                     notes=list(ckpt.report.notes), unexpected=list(ckpt.report.unexpected))
     for line in report.lines():
         warnings.warn(f"{ckpt.source}: {line}", stacklevel=3)

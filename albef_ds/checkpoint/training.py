@@ -70,6 +70,7 @@ DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 
 
 def deepspeed_state_classes() -> tuple:
+    distributed.import_deepspeed()
     return tuple(getattr(importlib.import_module(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
                  for name in DEEPSPEED_STATE_CLASSES)
 
@@ -321,6 +322,7 @@ def read_training(path: str, tag: Optional[str] = None, trusted: bool = False) -
 
 def _deepspeed_fp32_weights(ckpt_dir: str, tag: str, source: str) -> dict:
     """The fp32 master weights (and buffers), by DeepSpeed's own consolidation."""
+    distributed.import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:

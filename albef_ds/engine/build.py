@@ -2,6 +2,8 @@
 the momentum EMA, the data stream, the evaluator), in the order that makes a run reproducible."""
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -43,8 +45,7 @@ def build(plan: Plan, batches: Optional[Iterable[dict]] = None, steps_per_epoch:
           client_optimizer=None) -> Parts:
     """`batches`: any iterable of batches instead of the configured stream (tests, benchmarks);
     `client_optimizer(param_groups)`: an optimizer of one's own instead of the ds config's."""
-    import deepspeed
-
+    deepspeed = dist.import_deepspeed()
     cfg = plan.cfg
     torch.manual_seed(cfg.train.seed)     # same initial weights and queues on every rank
     stream = None
@@ -62,8 +63,12 @@ def build(plan: Plan, batches: Optional[Iterable[dict]] = None, steps_per_epoch:
     ds = dict(plan.ds_config)
     if client_optimizer is not None:
         ds.pop("optimizer", None)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
-                                           optimizer=optimizer, config=ds)
+    if dist.rank() == 0 and not torch.cuda.is_available():
+        print("running on the CPU (no GPU found): DeepSpeed's CPU accelerator, gloo between ranks", flush=True)
+    # DeepSpeed prints the ops it builds on every rank: rank 0 says it once
+    with contextlib.redirect_stdout(io.StringIO()) if dist.rank() else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                               optimizer=optimizer, config=ds)
     module = engine.module
     # DeepSpeed casts every floating tensor of the module to bf16; the checkpoint buffers (feature
     # queues) stay fp32.

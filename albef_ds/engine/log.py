@@ -3,17 +3,24 @@
 progress line shows)."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
 
+# The progress line's rate and ETA: over the last RATE_WINDOW_S seconds of steps (at least the last
+# logged interval), so a busy moment on a shared machine does not swing the ETA; the last line of a
+# run says the whole run's time and mean rate.
+RATE_WINDOW_S = 120.0
+
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, total_steps: int, enabled: bool):
+    def __init__(self, output_dir: str, total_steps: int, enabled: bool, global_batch: int = 0):
         self.enabled = enabled
-        self.total_steps = total_steps
+        self.total_steps, self.global_batch = total_steps, global_batch
         self.started = time.time()
         self.start_step = None
+        self.recent = collections.deque()     # (time, step) of the logged steps in the rate window
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -25,16 +32,21 @@ class MetricsLogger:
         """Writes one record; `step` is the number of optimizer steps done."""
         if not self.enabled:
             return
+        now = time.time()
         if self.start_step is None:
-            self.start_step, self.started = step - 1, time.time() - scalars.get("step_time_s", 0.0)
+            self.start_step, self.started = step - 1, now - scalars.get("step_time_s", 0.0)
+            self.recent.append((self.started, self.start_step))
         record = self._write(step, scalars)
-        done = step - self.start_step
-        eta = (time.time() - self.started) / max(1, done) * (self.total_steps - step)
+        self.recent.append((now, step))
+        while len(self.recent) > 2 and now - self.recent[1][0] >= RATE_WINDOW_S:
+            self.recent.popleft()
+        since, first_step = self.recent[0]
+        steps_per_s = (step - first_step) / max(now - since, 1e-9)
+        rate, eta = steps_per_s * self.global_batch, (self.total_steps - step) / max(steps_per_s, 1e-9)
         losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
         accuracies = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k.endswith("_acc"))
         print(f"step {step}/{self.total_steps}  loss {record['loss']:.4f}" + (f" ({losses})" if losses else "")
-              + f"{accuracies}  lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
-              f"eta {_duration(eta)}", flush=True)
+              + f"{accuracies}  lr {record['lr']:.2e}  {rate:.1f} samples/s  eta {_duration(eta)}", flush=True)
 
     def log_eval(self, step: int, metrics: dict, headline=None) -> None:
         """Evaluation results: one metrics.jsonl record of `eval/<name>` keys, TensorBoard, and a
@@ -71,6 +83,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.enabled:
+            if self.start_step is not None and self.recent[-1][1] > self.start_step:
+                last, seconds = self.recent[-1][1], self.recent[-1][0] - self.started
+                print(f"trained steps {self.start_step + 1}-{last} in {_duration(seconds)}, "
+                      f"{(last - self.start_step) * self.global_batch / max(seconds, 1e-9):.1f} samples/s on "
+                      f"average", flush=True)
             self.jsonl.close()
             self.tb.close()
 

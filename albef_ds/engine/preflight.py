@@ -69,6 +69,8 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
         if resume_plan.elastic and dist.rank() == 0:
             print(f"resuming {tag}, saved on {resume_plan.saved_world} ranks, on {world}: "
                   + "; ".join(resume_plan.notes), flush=True)
+    if cfg.model.init_checkpoint and not os.path.exists(cfg.model.init_checkpoint):
+        raise ConfigError(f"model.init_checkpoint {cfg.model.init_checkpoint}: no such file or folder")
     task = get_task(cfg)
     task.check(world)
     task.check_annotations()

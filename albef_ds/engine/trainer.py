@@ -293,7 +293,8 @@ class Trainer:
     def train(self) -> int:
         """Runs to total_steps; returns a process exit code (0, or EXIT_REQUEUE / EXIT_TERMINATED
         after saving on a signal)."""
-        self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0)
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * dist.world_size()
+        self.log = MetricsLogger(self.output_dir, self.total_steps, enabled=dist.rank() == 0, global_batch=global_batch)
         data = iter(self.batches)
         try:
             if self.evaluation_pending:         # the resumed tag's evaluation did not finish

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed as dist
+
 
 def clamp_master_(param: nn.Parameter, low: float, high: float) -> None:
     """Clamps the value the optimizer holds for `param` (its fp32 master) on each rank's slice of it,
@@ -29,9 +31,7 @@ def clamp_master_(param: nn.Parameter, low: float, high: float) -> None:
 def master_value(param: nn.Parameter) -> torch.Tensor:
     """The whole fp32 value the optimizer holds for `param` (a collective under ZeRO: every rank
     calls it)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    master = safe_get_full_fp32_param(param)
+    master = dist.import_deepspeed().utils.safe_get_full_fp32_param(param)
     return (master if master is not None else param).detach().float()
 
 
@@ -43,8 +43,7 @@ def inference_model(model, task) -> nn.Module:
     params = list(module.named_parameters())
     if not any(hasattr(p, "ds_id") for _, p in params):
         return module
-    import deepspeed
-
+    deepspeed = dist.import_deepspeed()
     plain = task.build_inference_model(task.cfg.model.architecture_only())
     wanted = dict(plain.named_parameters())
     state = {}

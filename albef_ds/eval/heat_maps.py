@@ -23,7 +23,7 @@ from ..models import evaluating
 from ..models.attention_maps import attention_maps
 from ..models.gradcam import (answer_token_maps, check_fusion_layer, check_gradcam, class_token_maps,
                               default_gradcam_layer, itc_maps, itm_token_maps, sentence_maps)
-from ..tokenizer import clean_caption, tokenize
+from ..tokenizer import clean_caption, tokenize, words_past
 from .inputs import model_device
 from .vqa_answering import QUESTION_WORDS
 
@@ -35,6 +35,7 @@ class HeatMaps(NamedTuple):
     words: list[str]                # the words of the cleaned text (none in ITC mode)
     word_maps: list[torch.Tensor]   # [g, g] per word: the mean of its word pieces' maps
     mode: str                       # "itm" (a fusion layer's cross-attention), "itc" (a ViT block), "vqa", "class"
+    dropped: int = 0                # words of the text past what the model reads (max_tokens), not mapped
 
 
 class AnswerMaps(NamedTuple):
@@ -100,14 +101,16 @@ def heat_maps(model, tokenizer, image: Image.Image, text: str, mode: str = "itm"
     image-text pair: no words then. ValueError for a text that is empty once cleaned, or a bad mode
     / layer."""
     cleaned = _cleaned(text, clean_caption(text))
+    every_word = clean_caption(text, max_words=len(text))
+    dropped = len(every_word.split(" ")) - len(cleaned.split(" ")) + words_past(tokenizer, cleaned, max_tokens)
     layer = default_gradcam_layer(model.cfg, mode) if layer is None else layer
     check_gradcam(model.cfg, mode, layer)
     (pixels,), ids, mask = _inputs(model, tokenizer, [image], cleaned, max_tokens)
     with evaluating(model):
         if mode == "itc":
-            return HeatMaps(itc_maps(model, pixels, ids, mask, layer)[0].cpu(), [], [], mode)
+            return HeatMaps(itc_maps(model, pixels, ids, mask, layer)[0].cpu(), [], [], mode, dropped)
         maps, _ = itm_token_maps(model, pixels, ids, mask, layer)
-    return _word_maps(tokenizer, cleaned, max_tokens, maps[0], mask, mode)
+    return _word_maps(tokenizer, cleaned, max_tokens, maps[0], mask, mode)._replace(dropped=dropped)
 
 
 def answer_heat_maps(model, tokenizer, image: Image.Image, question: str, answer: Optional[str] = None,

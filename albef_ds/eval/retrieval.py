@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -24,7 +25,7 @@ from ..data.annotations import CAPTIONS, check_entries
 from ..data.samples import ERROR_KEY, IMAGE_KEYS, read_shard, sample_captions
 from ..data.shards import expand_pattern, group_annotations, read_annotations
 from ..models import evaluating
-from ..tokenizer import build_tokenizer, clean_caption, tokenize
+from ..tokenizer import build_tokenizer, clean_caption, tokenize, words_past
 from .inputs import check_failures, load_images, model_device, skip_summary
 from .recall import RECALL_KEYS, retrieval_metrics
 
@@ -138,6 +139,10 @@ def encode_set(model, data: RetrievalSet, tokenizer, img_size: int, max_tokens: 
     device = model_device(model)
     texts = data.texts
     ids, mask = tokenize(tokenizer, texts, max_tokens)
+    unread = [words_past(tokenizer, t, max_tokens) for t in texts]
+    if any(unread) and rank == 0:
+        print(f"note: {sum(map(bool, unread))} of {len(texts)} texts are longer than the model reads ({max_tokens} "
+              f"tokens): {sum(unread)} words in all are not read", file=sys.stderr, flush=True)
     image_feats, image_embeds, text_feats, failed = [], [], [], []
     for batch in dist.my_batches(len(data.images), batch_size, rank, world):
         images = load_images(data.images, data.names, batch, img_size, failed).to(device)

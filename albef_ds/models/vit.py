@@ -71,9 +71,12 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
 
 
 def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
-    """MAE's 2D sin-cos position table [1, 1 + grid * grid, width], zeros for the CLS token: the
-    first half of the channels encodes the patch's row, the second half its column, each as
-    sin / cos of the index at frequencies 1 / 10000^(j / (width / 4))."""
+    """A 2D sin-cos position table [1, 1 + grid * grid, width], zeros for the CLS token: the first
+    half of the channels encodes the patch's ROW, the second half its COLUMN, each as sin / cos of
+    the index at frequencies 1 / 10000^(j / (width / 4)). MAE's table (get_2d_sincos_pos_embed) is
+    the same with the halves the other way round (its meshgrid takes the column first): a fixed
+    permutation of the channels, which a learned table and the layers after it do not notice; kept
+    in this order because tests/data/tiny_pretrained_positions.safetensors was made from it."""
     if width % 4:
         raise ValueError(f"a 2D sin-cos table needs a width divisible by 4, not {width}")
     quarter = width // 4

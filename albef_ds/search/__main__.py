@@ -10,13 +10,12 @@ another model is refused). Prints a table per query, or with --json one JSON obj
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, read_lines, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.data.samples import decode_image
 from albef_ds.search.loading import load_for_index
@@ -25,7 +24,7 @@ from albef_ds.search.store import open_index
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m albef_ds.search", description="ALBEF-DS: search an index")
+    ap = ArgumentParser(prog="python -m albef_ds.search", description="ALBEF-DS: search an index")
     ap.add_argument("--index", required=True, help="a folder written by python -m albef_ds.index")
     query = ap.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", action="append", help="a text query (repeat for several)")
@@ -49,14 +48,7 @@ def parse_args(argv=None):
 def _queries(args) -> list[str]:
     if args.text is not None:
         return args.text
-    try:
-        with open(args.texts, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--texts {args.texts}: {exc}") from None
-    if not texts:
-        raise ConfigError(f"--texts {args.texts} holds no query")
-    return texts
+    return read_lines(args.texts, "--texts")
 
 
 def _table(result, image_query: bool) -> str:

@@ -175,12 +175,11 @@ def create_app(indexes: list, answerer=None, limits: Limits = Limits()) -> FastA
             raise HTTPException(404, f"image {request.row} of {served.name!r} cannot be read: {exc}") from None
         try:
             with model_lock:
-                sentence, words, maps, _ = heat_maps(searcher.model, searcher.tokenizer, picture, request.text,
-                                                     "itm", searcher.max_tokens)
+                maps = heat_maps(searcher.model, searcher.tokenizer, picture, request.text, "itm", searcher.max_tokens)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        panels = [{"word": "whole sentence", "image": _png_url(overlay(picture, sentence))}]
-        panels += [{"word": w, "image": _png_url(overlay(picture, m))} for w, m in zip(words, maps)]
+        panels = [{"word": "whole sentence", "image": _png_url(overlay(picture, maps.sentence))}]
+        panels += [{"word": w, "image": _png_url(overlay(picture, m))} for w, m in zip(maps.words, maps.word_maps)]
         return {"index": served.name, "row": request.row, "text": request.text, "panels": panels}
 
     @app.post("/api/answer")

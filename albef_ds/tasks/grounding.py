@@ -86,6 +86,10 @@ class GroundingTask(RetrievalTask):
                             "of the base model)")
 
     @classmethod
+    def check_eval_arguments(cls, args) -> None:
+        """Nothing before the model is loaded: --gradcam_layer's range is the model's (checked then)."""
+
+    @classmethod
     def evaluate_command(cls, model, args) -> dict:
         max_tokens, max_words = eval_text_lengths(args.config, model)
         layer = default_gradcam_layer(model.cfg, args.mode) if args.gradcam_layer is None else args.gradcam_layer

@@ -59,9 +59,23 @@ def test_unreadable_annotations_and_a_missing_image_root(tmp_path):
 
 
 def test_two_ranks_say_it_once(tmp_path):
+    """Under the deepspeed launcher both ranks meet the mistake (each rank's output in a file of its
+    own): rank 0 says it, rank 1 only stops."""
     pattern = str(tmp_path / "nothing-{0..3}.tar")
-    line = train(tmp_path, {"data": {"corpora": [{"name": "x", "shards": [pattern], "samples": 10}]}}, launcher=True)
-    assert pattern in line
+    (tmp_path / "run.yaml").write_text(json.dumps({"base": "tiny", "data": {"corpora": [
+        {"name": "x", "shards": [pattern], "samples": 10}]}}))
+    logs = tmp_path / "ranks"
+    done = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29813",
+                           "--enable_each_rank_log", str(logs), str(ROOT / "albef_ds" / "train.py"), "--deepspeed",
+                           "ds_configs/zero2.json", "--config", str(tmp_path / "run.yaml"), "--output_dir",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    ranks = {int(p.name.split("rank")[-1].split(".")[0]): p.read_text() for p in logs.iterdir() if "rank" in p.name}
+    assert sorted(ranks) == [0, 1], sorted(logs.iterdir())
+    said = {r: [line for line in text.splitlines() if line.startswith("error: ")] for r, text in ranks.items()}
+    assert len(said[0]) == 1 and pattern in said[0][0] and said[1] == [], said
+    assert not any("Traceback" in text for text in ranks.values())
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_and_the_data_tools(tmp_path):

@@ -1,6 +1,7 @@
 """The encoders load pretrained weights through timm / transformers and reproduce their outputs."""
 import pytest
 import timm
+import numpy as np
 import torch
 from timm.layers import resample_abs_pos_embed
 from transformers import BertConfig, BertForMaskedLM, BertModel
@@ -129,27 +130,36 @@ def test_vit_missing_weights_file_is_named(tmp_path):
         build_vit(vision_cfg(pretrained=str(tmp_path / "nowhere.pth")))
 
 
-def test_vit_sincos_start_is_maes_table_and_pretrained_weights_replace_it(tmp_path):
-    """pos_embed_init sincos: the patch at (row r, column c) starts at
-    [sin(r w_j), cos(r w_j), sin(c w_j), cos(c w_j)], w_j = 10000^(-j / (width / 4)), written here
-    as a loop over the table; the CLS entry is zero; the table is learned (a parameter). A weights
-    file replaces it."""
+def mae_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """MAE's construction (facebookresearch/mae, util/pos_embed.py), written here as MAE writes it:
+    the meshgrid takes w first, so grid[0] (the first half of the channels) is the column."""
+    grid_h = np.arange(grid_size, dtype=np.float64)
+    grid_w = np.arange(grid_size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+def test_vit_sincos_start_is_maes_table_with_its_halves_swapped_and_weights_replace_it(tmp_path):
+    """pos_embed_init sincos: MAE's 2D sin-cos table (its own construction, above) with the row in
+    the first half of the channels and the column in the second (MAE: column first); the CLS entry
+    is zero; the table is learned (a parameter). A weights file replaces it."""
     import dataclasses
-    import math
 
     cfg = VisionConfig(img_size=32, patch_size=8, width=16, depth=1, heads=2, pos_embed_init="sincos")
     vit = build_vit(cfg)
     table = vit.pos_embed.detach()[0]
     assert table.shape == (17, 16) and vit.pos_embed.requires_grad
-    assert torch.equal(table[0], torch.zeros(16))
-    quarter = 4
-    for r in range(4):
-        for c in range(4):
-            expected = []
-            for index in (r, c):
-                w = [10000 ** (-j / quarter) for j in range(quarter)]
-                expected += [math.sin(index * x) for x in w] + [math.cos(index * x) for x in w]
-            torch.testing.assert_close(table[1 + 4 * r + c], torch.tensor(expected), rtol=0, atol=1e-6)
+    mae = torch.from_numpy(mae_2d_sincos_pos_embed(16, 4)).float()
+    torch.testing.assert_close(table, torch.cat([mae[:, 8:], mae[:, :8]], 1), rtol=0, atol=1e-6)
+    row_2_col_1, row_1_col_2 = table[1 + 4 * 2 + 1], table[1 + 4 * 1 + 2]
+    torch.testing.assert_close(row_2_col_1[:8], row_1_col_2[8:], rtol=0, atol=1e-6)   # row first
     timm_start = build_vit(dataclasses.replace(cfg, pos_embed_init="timm"))
     assert timm_start.pos_embed.abs().max() < 0.1
     weights = tmp_path / "vit.pth"

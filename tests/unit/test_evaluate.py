@@ -127,3 +127,12 @@ def test_read_json_and_shards(tmp_path):
     got = read_retrieval_set(str(tmp_path / "s-{00000..00001}.tar"), keep=lambda i: i != 1)
     assert got.captions == data.captions
     assert got.images[0] == data.images[0] and got.images[1] is None
+
+
+def test_a_text_longer_than_the_model_reads_is_noted(capsys):
+    data = shapes_set(3)
+    data.captions[1] = [" ".join(["red"] * 20)]          # 20 words: [CLS] + 15 pieces read at 16 tokens
+    evaluate_retrieval(tiny_model(), data, build_tokenizer("tiny_vocab.txt"), 64, 16, k_test=2, batch_size=2)
+    texts = len(data.texts)
+    assert f"note: 1 of {texts} texts are longer than the model reads (16 tokens): 5 words in all are not read" \
+        in capsys.readouterr().err

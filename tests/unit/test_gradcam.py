@@ -1,5 +1,6 @@
 """Grad-CAM: the ITM and ITC maps against loop references, the model left as it was, the explicit
 attention path against the fused one in training, layers, modes and defaults."""
+import contextlib
 import copy
 import math
 
@@ -147,6 +148,8 @@ def test_a_map_leaves_the_model_as_it_was():
 
 
 def test_the_explicit_attention_path_changes_no_training_number():
+    """Every layer Grad-CAM can switch to its explicit attention (each fusion layer's cross-attention,
+    each ViT block) switched at once gives the fused path's losses and gradients."""
     from albef_ds.tasks.contrastive import ContrastiveModel
 
     torch.manual_seed(0)
@@ -154,16 +157,21 @@ def test_the_explicit_attention_path_changes_no_training_number():
     explicit = copy.deepcopy(fused)
     images, ids, mask = tiny_batch(fused.cfg, 6)
     image_ids = torch.tensor([0, 0, 1, 2, 3, 3])
+    text, vision = fused.cfg.text, fused.cfg.vision
     outs = []
-    for model, on in ((fused, False), (explicit, True)):
-        with cross_attention_probs(model, 2) as captured, cross_attention_probs(model, 3), \
-                vit_attention_probs(model, 1) if on else cross_attention_probs(model, 2):
-            if not on:             # the first context was entered for symmetry: leave the layer fused
-                model.text_encoder.bert.encoder.layer[2].crossattention.probs_hook = None
+    for model, switched in ((fused, False), (explicit, True)):
+        with contextlib.ExitStack() as stack:
+            captured = []
+            if switched:
+                captured += [stack.enter_context(cross_attention_probs(model, layer))
+                             for layer in range(text.fusion_start, text.layers)]
+                captured += [stack.enter_context(vit_attention_probs(model, block)) for block in range(vision.depth)]
             out = forward(model, images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(1),
                           image_ids=image_ids)
             out["loss"].backward()
-        assert bool(captured) == on
+        # every switched layer ran explicitly (its probabilities were captured)
+        assert len(captured) == (text.layers - text.fusion_start + vision.depth if switched else 0)
+        assert all(captured), [len(c) for c in captured]
         outs.append(out)
     for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
         assert outs[1][key].item() == pytest.approx(outs[0][key].item(), rel=1e-5), key

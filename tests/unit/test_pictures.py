@@ -23,14 +23,16 @@ def test_pictures_are_pngs_of_the_layout_size(grounding_corpus, tmp_path):
     model = tiny_albef()
     tok = build_tokenizer(model.cfg.text.tokenizer)
     image = Image.open(os.path.join(grounding_corpus["image_root"], "images/000020.png")).resize((120, 90))
-    sentence, words, maps, mode = heat_maps(model, tok, image, "The red-circle, zebra!")
-    assert mode == "itm"
+    got = heat_maps(model, tok, image, "The red-circle, zebra!")
+    sentence, words, maps = got.sentence, got.words, got.word_maps
+    assert got.mode == "itm" and got.dropped == 0
     assert words == ["the", "red", "circle", "zebra"] and len(maps) == 4     # "zebra": 4 word pieces, one map
     ids, mask = tokenize(tok, ["the red circle zebra"], 30)
     pixels = EvalTransform(64)(image)[None]
     tokens, _ = itm_token_maps(model, pixels, ids, mask, 2)
     assert torch.allclose(maps[3], tokens[0, 4:8].mean(0)) and torch.allclose(sentence, sentence_maps(tokens, mask)[0])
-    itc, none, _, _ = heat_maps(model, tok, image, "the red circle", "itc")
+    itc_maps_of_text = heat_maps(model, tok, image, "the red circle", "itc")
+    itc, none = itc_maps_of_text.sentence, itc_maps_of_text.words
     assert torch.allclose(itc, itc_maps(model, pixels, ids[:, :4], mask[:, :4], 2)[0]) and none == []
     paths = write_heat_pictures(model, tok, image, ["the red circle"], str(tmp_path), "photo")
     assert [os.path.basename(p) for p in paths] == ["photo__the_red_circle.png", "photo__the_red_circle_words.png"]
@@ -72,7 +74,8 @@ def test_visualize_command_line_and_its_errors(grounding_corpus, tmp_path, capsy
     assert "image " + str(folder / "broken.png") + " cannot be read" in error("--image", str(folder), "--text", "a")
     assert "empty once cleaned" in error("--image", str(folder / "000020.png"), "--text", "?")
     assert "no such file" in error("--image", str(tmp_path / "none.png"), "--text", "a")
-    assert "nothing.pt" in error("--checkpoint", str(tmp_path / "nothing.pt"), "--image", str(folder), "--text", "a")
+    assert "nothing.pt" in error("--checkpoint", str(tmp_path / "nothing.pt"), "--image", str(folder / "000020.png"),
+                                 "--text", "a")
 
 
 def test_visualize_refuses_a_model_without_an_itm_head(monkeypatch, tmp_path, grounding_corpus):

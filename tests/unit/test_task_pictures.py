@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import png_size, tiny_albef
 from PIL import Image
-from vqa_helpers import TOKENIZER, tiny_vqa
+from vqa_helpers import tiny_vqa
 
 import albef_ds
 from albef_ds.checkpoint.files import save_albef_ds
@@ -93,7 +93,7 @@ def test_visualize_draws_raw_attention_averaged_per_head_and_one_head(files, cap
 @pytest.mark.parametrize("checkpoint, args, message", [
     ("albef", ["--question", "is there a star", "--answer", "yes"],
      "--question: checkpoint {albef} holds a ALBEF, not a VQA model (a caption goes in --text)"),
-    ("vqa", ["--text", "a star"], "checkpoint {vqa} holds a VQA model: ask it with --question"),
+    ("vqa", ["--text", "a star"], "checkpoint {vqa} holds a VQAModel, which has no ITM head: ask it with --question"),
     ("vqa", ["--question", " ?! ", "--answer", "yes"], "--question ' ?! ' is empty once cleaned"),
     ("vqa", ["--question", "how many"], "VQA pictures need the answer to draw: --answer, or --answer_list"),
     ("vqa", ["--question", "how many", "--answer", "2", "--layer", "1"],

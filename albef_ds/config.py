@@ -167,9 +167,7 @@ class EvalConfig:
     select_metric: str = ""          # the checkpoint kept as `best`; empty: the task's choice
     # the share of a set's items that may be left out (unreadable images...): 0, none (docs/failures.md)
     max_skipped: float = 0.0
-    # pictures of this many evaluation items (the first ones, the same each time) at every evaluation
-    # of a training run, in TensorBoard (tb/, `pictures/...`); 0: none
-    pictures: int = 4
+    pictures: int = 4                # the first items drawn to tb/ at each evaluation of a run; 0: none
 
 
 # The least value each number may take; a value below stops the run before anything is built

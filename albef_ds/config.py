@@ -167,6 +167,7 @@ class EvalConfig:
     select_metric: str = ""          # the checkpoint kept as `best`; empty: the task's choice
     # the share of a set's items that may be left out (unreadable images...): 0, none (docs/failures.md)
     max_skipped: float = 0.0
+    pictures: int = 4                # the first items drawn to tb/ at each evaluation of a run; 0: none
 
 
 # The least value each number may take; a value below stops the run before anything is built
@@ -179,7 +180,7 @@ MINIMUMS = {
     "train.warmup_steps": 0, "train.warmup_lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0,
     "train.max_bad_steps": 1, "train.max_micro_batch": 0,
-    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0, "eval.max_skipped": 0.0,
+    "eval.k_test": 0, "eval.batch_size": 1, "eval.every_epochs": 0, "eval.max_skipped": 0.0, "eval.pictures": 0,
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

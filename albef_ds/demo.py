@@ -5,7 +5,8 @@ shapes corpus of the config's data.synthetic section written first when the conf
     deepspeed albef_ds/demo.py --deepspeed ds_configs/zero2.json --config tiny_nlvr2_ta [...]
 
 With no --config it trains the tiny model on the shapes corpus (configs/tiny.yaml) and ends with its
-held-out evaluation and Grad-CAM pictures of held-out images (OUTPUT_DIR/pictures). The corpus is
+held-out evaluation and the pictures it can draw of held-out images (OUTPUT_DIR/pictures): the
+caption's Grad-CAM per word and the raw cross-attention of each word, named in its last lines. The corpus is
 written (by rank 0) into OUTPUT_DIR/synthetic_data; its held-out split is the run's evaluation set
 unless eval.data names one. Part of the demo wing: nothing in the library imports this module.
 """
@@ -25,7 +26,7 @@ from albef_ds.synthetic.shapes import shared_synthetic_corpus, with_generated_co
 from albef_ds.tasks import get_task
 from albef_ds.tokenizer import build_tokenizer
 from albef_ds.train import config_of, output_dir_of, parse_args, start
-from albef_ds.visualize import write_heat_pictures
+from albef_ds.visualize import write_attention_pictures, write_heat_pictures
 
 
 def main(argv=None) -> int:
@@ -46,8 +47,8 @@ def main(argv=None) -> int:
         trainer = start(cfg, args)
         code = trainer.train()
         if code == 0 and builtin:
-            # What the model learned: held-out retrieval, ITM and attribute MLM, and Grad-CAM
-            # pictures of held-out images (every rank: ZeRO-3 gathers; rank 0 draws them).
+            # What the model learned: held-out retrieval, ITM and attribute MLM, and pictures of
+            # held-out images (every rank: ZeRO-3 gathers; rank 0 draws them).
             evaluate_heldout(trainer.engine, trainer.cfg, output_dir)
             write_demo_pictures(trainer.engine, trainer.cfg, output_dir)
         trainer.close()
@@ -57,11 +58,14 @@ def main(argv=None) -> int:
 
 
 def write_demo_pictures(model, cfg: Config, output_dir: str, count: int = 2) -> list[str]:
-    """The built-in demo's pictures: the word heat maps of the first `count` held-out shapes images
-    with their captions, in `<output_dir>/pictures`. Call on every rank after training (a DeepSpeed
-    engine or a module; the corpus is read from `<output_dir>/synthetic_data`, where the demo
-    writes it, and under ZeRO-3 the weights are gathered on every rank); rank 0 draws, prints and
-    returns the paths, the other ranks return []."""
+    """The built-in demo's pictures of the first `count` held-out shapes images with their captions,
+    in `<output_dir>/pictures`: every kind a pretrained checkpoint gives, the ITM Grad-CAM (the
+    sentence's map and one panel per word) and the raw cross-attention of [CLS] and each word in the
+    last fusion layer (mean of the heads; there the tiny model's colour words attend their shapes,
+    docs/grounding.md). Call on every rank after training (a DeepSpeed engine or a module; the
+    corpus is read from `<output_dir>/synthetic_data`, where the demo writes it, and under ZeRO-3
+    the weights are gathered on every rank); rank 0 draws, prints (its last two lines) and returns
+    the paths, the other ranks return []."""
     corpora = shared_synthetic_corpus(os.path.join(output_dir, "synthetic_data"), cfg.data.synthetic)["heldout"]
     model = inference_model(model, get_task(cfg))
     if dist.rank() != 0:
@@ -69,12 +73,17 @@ def write_demo_pictures(model, cfg: Config, output_dir: str, count: int = 2) -> 
     data = read_shard_set(corpora, cfg.data.max_words)
     tokenizer = build_tokenizer(cfg.model.text.tokenizer)
     folder = os.path.join(output_dir, "pictures")
-    paths = []
+    gradcam, attention = [], []
+    last_fusion_layer = cfg.model.text.layers - 1
     for i in range(min(count, len(data.images))):
-        paths += write_heat_pictures(model, tokenizer, decode_image(data.images[i]), data.captions[i][:1],
-                                     folder, f"heldout_{i}", max_tokens=cfg.data.max_tokens)
-    print("Grad-CAM pictures of held-out images: " + ", ".join(paths), flush=True)
-    return paths
+        image, texts, name = decode_image(data.images[i]), data.captions[i][:1], f"heldout_{i}"
+        gradcam += write_heat_pictures(model, tokenizer, image, texts, folder, name, max_tokens=cfg.data.max_tokens)
+        attention += write_attention_pictures(model, tokenizer, image, texts, folder, name,
+                                              max_tokens=cfg.data.max_tokens, layer=last_fusion_layer)
+    print("Grad-CAM pictures of held-out images: " + ", ".join(gradcam), flush=True)
+    print(f"raw attention pictures of held-out images (fusion layer {last_fusion_layer}, mean of the heads): "
+          + ", ".join(attention), flush=True)
+    return gradcam + attention
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Pictures of what the model sees, drawn from what they are given: heat maps over images (the
-sentence's map and one panel per word, as ALBEF's figures show them; the maps come from
-albef_ds.eval.heat_maps) and labelled grids of images (retrieval results). Drawn with PIL alone;
-this module reads no data set and runs no model.
+sentence's map and one panel per word, as ALBEF's figures show them; a VQA answer's map with the
+model's top answers; raw attention per head; a grounding map with its boxes; a classifier's map per
+image; the maps come from albef_ds.eval.heat_maps) and labelled grids of images (retrieval
+results). Drawn with PIL alone; this module reads no data set and runs no model.
 
 The overlay follows ALBEF's visualisation: the map is min-max scaled, resized bicubically to the
 panel, blurred (Gaussian, sigma 2% of the panel's longer side), scaled again, coloured with the
@@ -26,6 +27,7 @@ LABEL = 24                  # the band under a panel holding its word
 TITLE = 32                  # the band above the panels holding the sentence
 BAR = 64                    # the colour bar's column: the bar and its labels
 COLUMNS = 4                 # panels per row
+HEAD_COLUMNS = 7            # panels per row of a picture per head (the tiny model's 4 heads in one row)
 BLUR = 0.02                 # Gaussian sigma as a fraction of the panel's longer side
 BLEND = 0.7                 # overlay weight: heat ** BLEND
 # matplotlib's 'jet': (position, value) corners of the red, green and blue channels
@@ -130,9 +132,75 @@ def word_panels(image: Image.Image, text: str, sentence: torch.Tensor, words: Se
                 word_maps: Sequence[torch.Tensor]) -> Image.Image:
     """The figure of ALBEF's paper: the image, the sentence's heat map and one panel per word, with
     the sentence as title and a colour bar."""
-    plain = image.convert("RGB").resize(panel_size(image), Image.BICUBIC)
-    panels = [plain, overlay(image, sentence)] + [overlay(image, m) for m in word_maps]
+    panels = [_plain(image), overlay(image, sentence)] + [overlay(image, m) for m in word_maps]
     return labelled_grid(panels, ["image", "whole sentence", *words], text)
+
+
+def _plain(image: Image.Image) -> Image.Image:
+    return image.convert("RGB").resize(panel_size(image), Image.BICUBIC)
+
+
+def text_panel(size: tuple[int, int], lines: Sequence[str], marked: int = -1) -> Image.Image:
+    """A white panel of `size` holding one line of text per row; row `marked` in red."""
+    panel = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(panel)
+    for i, line in enumerate(lines):
+        draw.text((8, 8 + 22 * i), line, fill="red" if i == marked else "black", font=_font(15))
+    return panel
+
+
+def answer_panels(image: Image.Image, question: str, answer: str, ranked: Sequence[tuple[str, float]],
+                  sentence: torch.Tensor, words: Sequence[str], word_maps: Sequence[torch.Tensor]) -> Image.Image:
+    """The VQA picture: the image, the model's top answers with their probabilities (the drawn
+    answer in red), the whole question's map of the answer and one panel per question word; the
+    question and answer as title, a colour bar."""
+    marked = next((i for i, (a, _) in enumerate(ranked) if a == answer), -1)
+    lines = [f"{i + 1}. {a}  {p:.3f}" for i, (a, p) in enumerate(ranked)]
+    panels = [_plain(image), text_panel(panel_size(image), lines, marked), overlay(image, sentence)]
+    panels += [overlay(image, m) for m in word_maps]
+    return labelled_grid(panels, ["image", "top answers (p)", f"whole question: {answer}", *words],
+                         f"Q: {question}   A: {answer}")
+
+
+def attention_panels(image: Image.Image, title: str, tokens: Sequence[str], maps: torch.Tensor) -> Image.Image:
+    """Raw attention: the image and one panel per token (maps [tokens, g, g]), labelled, with a
+    colour bar."""
+    return labelled_grid([_plain(image)] + [overlay(image, m) for m in maps], ["image", *tokens], title)
+
+
+def head_panels(image: Image.Image, title: str, maps: torch.Tensor) -> Image.Image:
+    """One token's raw attention per head, as DINO draws its heads: the image and a panel per
+    head (maps [heads, g, g])."""
+    return labelled_grid([_plain(image)] + [overlay(image, m) for m in maps],
+                         ["image", *(f"head {h}" for h in range(len(maps)))], title, columns=HEAD_COLUMNS)
+
+
+def _boxes(panel: Image.Image, image_size: tuple[int, int], boxes: Sequence[tuple[Sequence[float], str]]) -> Image.Image:
+    """The panel with [x, y, w, h] boxes in image pixels drawn in their colours."""
+    scale = panel.width / image_size[0]
+    draw = ImageDraw.Draw(panel)
+    for (x, y, w, h), colour in boxes:
+        draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=colour, width=2)
+    return panel
+
+
+def grounding_panels(image: Image.Image, text: str, heat: torch.Tensor, picked: Sequence[float],
+                     truth: Sequence[float], iou: float) -> Image.Image:
+    """A grounding picture: the image with the referred box (green) and the expression's map with
+    the proposal it picked (red) and the referred box."""
+    panels = [_boxes(_plain(image), image.size, [(truth, "lime")]),
+              _boxes(overlay(image, heat), image.size, [(truth, "lime"), (picked, "red")])]
+    return labelled_grid(panels, ["referred box (green)", f"picked proposal (red), IoU {iou:.2f}"], text)
+
+
+def class_panels(images: Sequence[Image.Image], title: str, heats: Sequence[torch.Tensor]) -> Image.Image:
+    """A classifier's picture: each image beside its map."""
+    panels, labels = [], []
+    for j, (image, heat) in enumerate(zip(images, heats)):
+        name = f"image {j}" if len(images) > 1 else "image"
+        panels += [_plain(image), overlay(image, heat)]
+        labels += [name, f"{name}: map"]
+    return labelled_grid(panels, labels, title)
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -1,12 +1,14 @@
-"""Progress line, metrics.jsonl and TensorBoard scalars, written by rank 0, for whatever metrics a
-task reports (by convention its losses are named `loss_*` and its accuracies `*_acc`, which the
-progress line shows)."""
+"""Progress line, metrics.jsonl, TensorBoard scalars and the evaluation's pictures, written by rank
+0, for whatever metrics and pictures a task reports (by convention its losses are named `loss_*`
+and its accuracies `*_acc`, which the progress line shows)."""
 from __future__ import annotations
 
 import collections
 import json
 import os
 import time
+
+import numpy as np
 
 # The progress line's rate and ETA: over the last RATE_WINDOW_S seconds of steps (at least the last
 # logged interval), so a busy moment on a shared machine does not swing the ETA; the last line of a
@@ -66,6 +68,14 @@ class MetricsLogger:
             self.tb.add_scalar(key, float(value), step)
         self.tb.flush()
         return record
+
+    def log_images(self, step: int, pictures: dict) -> None:
+        """TensorBoard images `pictures/<name>` of PIL images by name, at `step`."""
+        if not self.enabled or not pictures:
+            return
+        for name, picture in pictures.items():
+            self.tb.add_image(f"pictures/{name}", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        self.tb.flush()
 
     def note(self, message: str) -> None:
         if self.enabled:

@@ -126,12 +126,13 @@ class Trainer:
         every = self.cfg.eval.every_epochs
         return every > 0 and self.state.step % (every * self.steps_per_epoch) == 0
 
-    def evaluate(self) -> dict:
-        """The task's evaluation of the model as it is; a collective: every rank calls it and gets
-        the same metrics. A set with more items skipped than eval.max_skipped allows is a ConfigError."""
+    def evaluate(self, model=None) -> dict:
+        """The task's evaluation of the model as it is (`model`: its inference model, when the
+        caller has it); a collective: every rank calls it and gets the same metrics. A set with more
+        items skipped than eval.max_skipped allows is a ConfigError."""
         if self.evaluator is None:
             self.evaluator = self.task.evaluator(self.output_dir)
-        metrics = self.evaluator(zero.inference_model(self.engine, self.task))
+        metrics = self.evaluator(model if model is not None else zero.inference_model(self.engine, self.task))
         check_skipped(metrics, self.cfg.eval.max_skipped, "eval.max_skipped")
         return metrics
 
@@ -141,14 +142,16 @@ class Trainer:
         a resume runs that evaluation again before it trains on. The evaluation is kept with the
         tag; the best evaluated tag is marked in best.json."""
         tag = self.save()
+        model = zero.inference_model(self.engine, self.task)
         try:
-            metrics = self.evaluate()
+            metrics = self.evaluate(model)
         except ConfigError as exc:          # the evaluation data: a user's to fix, said in one line
             raise ConfigError(f"the evaluation at step {self.state.step} failed, after its checkpoint {tag} was "
                               f"saved (--resume evaluates it again first): {exc}") from None
         name = select_metric(self.cfg, self.task)
         self.log.log_eval(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           getattr(self.evaluator, "headline", None))
+        self._log_pictures(model)
         ckpt.record_evaluation(self.ckpt_dir, tag, metrics)
         self._consider_best(metrics[name], tag)
 
@@ -156,6 +159,20 @@ class Trainer:
         if self.state.best is None or value > self.state.best[0]:
             self.state.best = (value, tag)
             ckpt.mark_best(self.ckpt_dir, tag, select_metric(self.cfg, self.task), value)
+
+    def _log_pictures(self, model) -> None:
+        """The task's pictures of the first eval.pictures evaluation items, drawn by rank 0 with the
+        model just evaluated and written to TensorBoard (the other ranks wait at their next
+        collective)."""
+        count = self.cfg.eval.pictures
+        if count == 0 or dist.rank() != 0:
+            return
+        started = time.perf_counter()
+        pictures = self.task.eval_pictures(self.evaluator, model, count)
+        self.log.log_images(self.state.step, pictures)
+        if pictures:
+            self.log.note(f"eval pictures at step {self.state.step}: {len(pictures)} in tb/ "
+                          f"({time.perf_counter() - started:.1f} s)")
 
     # ---- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

@@ -10,7 +10,7 @@ from ..config import Config, ConfigError
 from .base import Task
 
 # Modules of this package that are not tasks: shared parts of several tasks.
-_PARTS = {"base", "objectives", "momentum", "contrastive"}
+_PARTS = {"base", "objectives", "momentum", "contrastive", "eval_pictures"}
 
 
 def task_names() -> list[str]:

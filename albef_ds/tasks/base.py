@@ -133,6 +133,13 @@ class Task:
         metrics everywhere. None: the task has no evaluation."""
         return None
 
+    def eval_pictures(self, evaluator, model: nn.Module, count: int) -> dict:
+        """Pictures (PIL images by name) of the first `count` items of `evaluator`'s data, drawn with
+        `model` as the evaluation had it (albef_ds.tasks.eval_pictures): what the engine logs to
+        TensorBoard after every evaluation of a training run (`eval.pictures`; rank 0 alone calls
+        it, so it runs no collective). {}: the task draws none."""
+        return {}
+
     # `python -m albef_ds.evaluate <task>`: the subcommand's help (empty: no subcommand), its own
     # arguments beyond --checkpoint, --data, --image_root, --output_dir, --config, --batch_size,
     # and the evaluation of a loaded inference model (metrics, written to metrics.json).

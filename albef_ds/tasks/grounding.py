@@ -20,6 +20,7 @@ from ..eval.inputs import check_skipped
 from ..fileio import atomic_write
 from ..models.gradcam import check_gradcam, default_gradcam_layer
 from ..tokenizer import build_tokenizer
+from .eval_pictures import grounding_pictures
 from .retrieval import RetrievalTask
 
 
@@ -64,6 +65,10 @@ class GroundingTask(RetrievalTask):
 
     def evaluator(self, output_dir: str) -> GroundingEvaluator:
         return GroundingEvaluator(self.cfg, self.options, output_dir)
+
+    def eval_pictures(self, evaluator: GroundingEvaluator, model, count: int) -> dict:
+        return grounding_pictures(model, evaluator.data, evaluator.tokenizer, count, self.cfg.data.max_tokens,
+                                  self.options.mode, self.options.gradcam_layer)
 
     eval_command_help = ("weakly supervised grounding: Grad-CAM ranks detector proposals (ALBEF's "
                          "RefCOCO+ protocol); any checkpoint with an ITM head")

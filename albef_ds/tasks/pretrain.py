@@ -11,6 +11,7 @@ from ..eval.retrieval import RetrievalEvaluator
 from ..models import ALBEF
 from .base import Task
 from .contrastive import ContrastiveModel
+from .eval_pictures import caption_pictures
 
 
 class PretrainTask(Task):
@@ -41,6 +42,9 @@ class PretrainTask(Task):
 
     def evaluator(self, output_dir: str) -> RetrievalEvaluator:
         return RetrievalEvaluator(self.cfg, output_dir)
+
+    def eval_pictures(self, evaluator: RetrievalEvaluator, model, count: int) -> dict:
+        return caption_pictures(model, evaluator.data, evaluator.tokenizer, count, self.cfg.data.max_tokens)
 
 
 def caption_codec(cfg, tokenizer, train: bool, image_ids: bool):

@@ -27,6 +27,7 @@ from ..models.vit import build_vit
 from ..tokenizer import build_tokenizer
 from . import objectives
 from .base import StepContext, Task, TrainingModel
+from .eval_pictures import classification_pictures
 from .momentum import add_momentum_copies
 
 MOMENTUM_PARTS = ("visual_encoder", "text_encoder", "cls_head")
@@ -131,6 +132,11 @@ class SNLIVETask(Task):
 
     def evaluator(self, output_dir: str) -> ClassificationEvaluator:
         return ClassificationEvaluator(self.cfg, self.labels, self.inference_class.images_per_text)
+
+    def eval_pictures(self, evaluator: ClassificationEvaluator, model, count: int) -> dict:
+        """Of the first evaluation set (the one that selects the best checkpoint)."""
+        return classification_pictures(model, evaluator.sets[0][1], self.labels, evaluator.tokenizer, count,
+                                       self.cfg.data.max_tokens)
 
     eval_command_help = "visual entailment accuracy (contradiction / neutral / entailment) on ALBEF's ve_*.json"
 

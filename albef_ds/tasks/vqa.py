@@ -26,6 +26,7 @@ from ..models.vqa import (VQAModel, build_decoder, decoder_logits, encode_questi
                           predicted_tokens, question_encoder)
 from . import objectives
 from .base import StepContext, Task, TrainingModel
+from .eval_pictures import vqa_pictures
 from .momentum import add_momentum_copies
 
 MOMENTUM_PARTS = ("visual_encoder", "text_encoder", "text_decoder")
@@ -140,6 +141,10 @@ class VQATask(Task):
 
     def evaluator(self, output_dir: str) -> VQAEvaluator:
         return VQAEvaluator(self.cfg, self.options.answer_list, output_dir)
+
+    def eval_pictures(self, evaluator: VQAEvaluator, model, count: int) -> dict:
+        return vqa_pictures(model, evaluator.data, evaluator.answer_list, evaluator.tokenizer, count,
+                            self.cfg.eval.k_test)
 
     eval_command_help = ("visual question answering: answers ranked from an answer list (ALBEF's protocol); "
                          "writes vqa_result.json (the evaluation server's format) and, when the questions "

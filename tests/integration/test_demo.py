@@ -1,6 +1,6 @@
 """The built-in demo (`make demo`: albef_ds/demo.py on 2 ranks under the deepspeed launcher), end to
 end on a shortened run: it writes the generated corpus, trains, evaluates the held-out split and
-draws its pictures, naming them in its last lines."""
+draws its pictures (the caption's Grad-CAM per word, raw attention), naming them in its last lines."""
 import json
 import os
 import subprocess
@@ -29,9 +29,12 @@ def test_the_demo_on_two_ranks_ends_with_its_evaluation_and_pictures(tmp_path):
     heldout = json.loads((out / "heldout_eval.json").read_text())
     assert heldout["images"] == 16 and 0.0 <= heldout["r_mean"] <= 100.0 and "itm_acc" in heldout
     assert "held-out retrieval: 16 images" in log
-    pictures = log.strip().splitlines()
-    named = [line for line in pictures if line.startswith("Grad-CAM pictures of held-out images: ")]
-    assert len(named) == 1, log[-3000:]
-    paths = named[0].split(": ", 1)[1].split(", ")
+    lines = log.strip().splitlines()
+    gradcam = [line for line in lines if line.startswith("Grad-CAM pictures of held-out images: ")]
+    attention = [line for line in lines if line.startswith("raw attention pictures of held-out images ")]
+    assert len(gradcam) == 1 and len(attention) == 1, log[-3000:]
+    paths = gradcam[0].split(": ", 1)[1].split(", ")
     assert len(paths) == 4 and all(p.startswith(str(out / "pictures" / "heldout_")) for p in paths)
-    assert all(png_size(p) for p in paths)
+    drawn = attention[0].split(": ", 1)[1].split(", ")
+    assert len(drawn) == 2 and all(p.endswith("_attention.png") for p in drawn)
+    assert all(png_size(p) for p in paths + drawn)

@@ -26,3 +26,11 @@ def test_make_synthetic_shards_cli(tmp_path):
                           "--train-samples", "8", "--heldout-samples", "4", "--samples-per-shard", "8"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(run.stdout)["train"][0]["shards"] == [str(tmp_path / "train-00000.tar")]
+
+
+def test_bench_pictures_cli():
+    run = subprocess.run([sys.executable, "tools/bench_pictures.py", "--count", "1", "--repeats", "1", "--tasks",
+                          "grounding", "snli_ve"], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]   # beside the loading notes
+    assert [(r["task"], r["pictures"]) for r in rows] == [("grounding", 1), ("snli_ve", 1)]
+    assert all(r["seconds_per_evaluation"] > 0 for r in rows)

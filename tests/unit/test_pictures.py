@@ -1,5 +1,5 @@
 """Pictures: heat-map pictures of the layout's size and content, the visualize command line and its
-bad inputs, the demo's pictures of held-out images."""
+bad inputs. (The demo's pictures: test_task_pictures.py.)"""
 import os
 
 import pytest
@@ -115,13 +115,3 @@ def test_visualize_loads_checkpoints_weights_only(monkeypatch, tmp_path, groundi
     seen = {}
     monkeypatch.setattr(visualize, "load_model", lambda *a, **k: seen.update(k) or torch.nn.Linear(2, 2))
     assert visualize.main(argv + ["--trust_checkpoint"]) == 2 and seen["trusted"] is True
-
-
-def test_demo_pictures_of_two_heldout_images(tmp_path):
-    from albef_ds.demo import write_demo_pictures
-
-    cfg = albef_ds.load_config("tiny", ["data.synthetic.train_samples=4", "data.synthetic.heldout_samples=3",
-                                        "data.synthetic.samples_per_shard=4"])
-    paths = write_demo_pictures(tiny_albef(), cfg, str(tmp_path))
-    assert len(paths) == 4 and all(p.startswith(str(tmp_path / "pictures" / "heldout_")) for p in paths)
-    assert all(png_size(p) for p in paths)

@@ -28,18 +28,22 @@ def trajectory_fn(rank, world, stage, steps, out_dir):
     trainer = Trainer(cfg, ds_config(stage), out_dir, batches=global_batches(cfg, rank, world))
     data = iter(trainer.batches)
     losses = [mean_over_ranks(trainer.train_step(data)[0]["loss"]) for _ in range(steps)]
+    optimizer = type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__
     trainer.close()
-    return losses
+    return losses, optimizer
 
 
 def test_zero_stages_on_two_ranks_follow_one_process(tmp_path):
+    """ZeRO-1, 2, 3 and the shipped ZeRO-3 with the optimizer and the parameters offloaded to the
+    CPU (ds_configs/zero3_offload.json: DeepSpeed's CPU Adam steps the offloaded fp32 masters)."""
     steps = 5
-    reference = run_ranks(trajectory_fn, 1, 2, steps, str(tmp_path / "ref"))[0]
+    reference, _ = run_ranks(trajectory_fn, 1, 2, steps, str(tmp_path / "ref"))[0]
     assert reference[-1] < reference[0]
-    for stage in (1, 2, 3):
-        got = run_ranks(trajectory_fn, 2, stage, steps, str(tmp_path / f"z{stage}"))[0]
+    for stage in (1, 2, 3, "3_offload"):
+        got, optimizer = run_ranks(trajectory_fn, 2, stage, steps, str(tmp_path / f"z{stage}"))[0]
         # fp32 on CPU: the split changes only the order of reductions. Tolerance 1e-4 relative.
         assert got == pytest.approx(reference, rel=1e-4), (stage, got, reference)
+        assert (optimizer == "DeepSpeedCPUAdam") == (stage == "3_offload"), (stage, optimizer)
 
 
 def momentum_fn(rank, world, steps, out_dir):
@@ -409,7 +413,8 @@ def temperature_fn(rank, world, stage, out_dir):
     return result
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "3_offload"])
 def test_the_temperature_master_is_clamped_after_each_step(tmp_path, stage):
-    """The temperature lives in one rank's slice of the fp32 masters: the clamp reaches it."""
+    """The temperature lives in one rank's slice of the fp32 masters (under zero3_offload.json, the
+    slice CPU Adam steps): the clamp reaches it."""
     assert run_ranks(temperature_fn, 2, stage, str(tmp_path)) == [(0.5, 0.5), (0.5, 0.5)]

@@ -188,6 +188,16 @@ def tiny_batch(cfg, batch_size: int = 8, seed: int = 0):
     return images, ids, mask
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a launcher's --master_port: a fixed one collides with
+    another run on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rank_entry(rank, world, port, fn, args, out_dir):
     import os
     import traceback

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import shapes_run_config
+from helpers import free_port, shapes_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "tools" / "local_cluster.sh"
@@ -267,28 +267,47 @@ def losses(run_dir):
 
 
 @pytest.mark.needs_engine
-def test_engine_mpirun_matches_deepspeed_launcher(tmp_path):
-    """Both launchers on this machine, no Slurm: 2 ranks each, the same losses step by step."""
+def test_engine_mpirun_and_torchrun_match_the_deepspeed_launcher(tmp_path):
+    """The launchers on this machine, no Slurm, 2 ranks each: the deepspeed launcher trains 10
+    steps (saving steps 5 and 10), mpirun the same 10 steps, and torchrun resumes the deepspeed
+    run's checkpoints with `--resume step00000005`, an explicit tag older than the latest: each
+    step's losses equal the deepspeed launcher's."""
     ds, overrides = tiny_ds_config(tmp_path, world=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{PYTHON_BIN}:{env.get('PATH', '/usr/bin:/bin')}", OMP_NUM_THREADS="1",
                ALBEF_DATA_ROOT=str(tmp_path / "data"))
     (tmp_path / "data").mkdir()
     common = ["albef_ds/train.py", "--deepspeed", str(ds), "--config", shapes_run_config(str(tmp_path / "data")),
-              "--max_steps", "10", "train.log_every=1", *overrides]
+              "--max_steps", "10", "train.log_every=1", "train.save_every=5", *overrides]
     runs = {
-        "deepspeed": [str(PYTHON_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29611"],
+        "deepspeed": [str(PYTHON_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
         "mpirun": [str(PYTHON_BIN / "mpirun"), "-np", "2", "-genv", "MASTER_ADDR", "127.0.0.1",
-                   "-genv", "MASTER_PORT", "29612", sys.executable, "-u"],
+                   "-genv", "MASTER_PORT", str(free_port()), sys.executable, "-u"],
+        "torchrun": [str(PYTHON_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
     }
+    logs = {}
     for name, launch in runs.items():
-        done = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / name)], env=env, cwd=REPO,
+        resume = []
+        if name == "torchrun":     # the deepspeed run's checkpoints, "latest" naming step 10
+            shutil.copytree(tmp_path / "deepspeed" / "checkpoints", tmp_path / name / "checkpoints")
+            assert (tmp_path / name / "checkpoints" / "latest").read_text().strip() == "step00000010"
+            resume, started = ["--resume", "step00000005"], time.time()
+        done = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / name), *resume], env=env, cwd=REPO,
                               text=True, capture_output=True, timeout=900)
+        logs[name] = done.stdout + done.stderr
         assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    ds_losses, mpi_losses = losses(tmp_path / "deepspeed"), losses(tmp_path / "mpirun")
-    assert sorted(ds_losses) == sorted(mpi_losses) and len(ds_losses) == 10
-    for step, values in ds_losses.items():
-        assert values and values == pytest.approx(mpi_losses[step], rel=1e-5, abs=1e-6), step
+    ds_losses = losses(tmp_path / "deepspeed")
+    assert sorted(ds_losses) == list(range(1, 11))
+    for name, steps in (("mpirun", range(1, 11)), ("torchrun", range(6, 11))):
+        got = losses(tmp_path / name)
+        assert sorted(got) == list(steps), (name, sorted(got))
+        for step, values in got.items():
+            assert values and values == pytest.approx(ds_losses[step], rel=1e-5, abs=1e-6), (name, step)
+    text = logs["torchrun"]
+    assert "on 2 rank(s)" in text and "resumed from " + str(tmp_path / "torchrun" / "checkpoints" / "step00000005") in text
+    for rank in (0, 1):            # each rank writes its own state file: both ran to step 10
+        written = tmp_path / "torchrun" / "checkpoints" / "step00000010" / f"albef_rank{rank}.pt"
+        assert written.stat().st_mtime >= started, rank
 
 
 # --- elastic resume: a run continues on another number of nodes ---------------------------------

@@ -49,12 +49,37 @@ def test_gradients_reach_online_weights_and_never_momentum_weights():
 
 
 def test_caller_supplied_masking_is_used():
+    """A masking of the caller's own (here one the generator would not draw: positions 2 and 4 of
+    every row, one [MASK]ed, one replaced) gives the MLM loss computed by hand from that masking:
+    the inference model's vocabulary logits at every position (one plain fusion pass, no masked-
+    position gather), cross entropy at the labelled positions, and for the distillation the
+    momentum encoders' logits of the same masked text."""
+    import torch.nn.functional as F
+
+    from albef_ds.tasks.objectives import IGNORE
+
     model = albef_ds.build_model(tiny_model_config()).eval()
     images, ids, mask = tiny_batch(model.cfg, 4)
-    masked, labels = model.mask_text(ids)
-    a = forward(model, images, ids, mask, masked_ids=masked, mlm_labels=labels)
-    b = forward(model, images, ids, mask, masked_ids=masked, mlm_labels=labels)
-    assert torch.allclose(a["loss_mlm"], b["loss_mlm"]) and torch.allclose(a["loss_itc"], b["loss_itc"])
+    masked, labels = ids.clone(), torch.full_like(ids, IGNORE)
+    masked[:, 2] = model.cfg.text.mask_token_id
+    masked[:, 4] = (ids[:, 4] + 1) % model.cfg.text.vocab_size
+    labels[:, [2, 4]] = ids[:, [2, 4]]
+    alpha = 0.4
+    with torch.no_grad():
+        got = forward(model, images, ids, mask, alpha=alpha, masked_ids=masked, mlm_labels=labels)
+        own = forward(model, images, ids, mask, alpha=alpha)       # the model's own masking
+        at = labels != IGNORE
+        logits = model.mlm_logits(images, masked, mask)[at]
+        t = model.text_encoder_m
+        fused_m = t.fuse(t.encode_text(masked, mask), mask, [model.visual_encoder_m(images)])
+        soft_targets = F.softmax(t.mlm_logits(fused_m)[at], dim=-1)
+        ce = F.cross_entropy(logits, labels[at], reduction="none")
+        soft_ce = -(soft_targets * F.log_softmax(logits, dim=-1)).sum(-1)
+        want = ((1 - alpha) * ce + alpha * soft_ce).mean()
+    assert int(at.sum()) == 8
+    torch.testing.assert_close(got["loss_mlm"], want, rtol=1e-5, atol=1e-6)
+    assert got["mlm_acc"] == pytest.approx((logits.argmax(-1) == labels[at]).float().mean().item())
+    assert not torch.allclose(own["loss_mlm"], want, rtol=1e-3)
 
 
 def test_queue_wraps_around_for_any_batch_size():

@@ -291,6 +291,9 @@ def format_grounding(metrics: dict) -> str:
     skipped = {k: v for k, v in metrics["skipped"].items() if v}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if "baselines" in metrics:
+        b = metrics["baselines"]
+        lines.append(f"  baselines: a random proposal {b['random']:.2f}% (expected), the largest {b['largest']:.2f}%")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ from ..cli import eval_text_lengths
 from ..config import ConfigError
 from ..data.grounding import ExpressionCodec
 from ..data.transforms import build_transform
-from ..eval.grounding import GroundingEvaluator, evaluate_grounding, format_grounding, read_grounding_set
+from ..eval.grounding import (GroundingEvaluator, evaluate_grounding, format_grounding, proposal_baselines,
+                              read_grounding_set)
 from ..models.gradcam import check_gradcam, default_gradcam_layer
 from ..tokenizer import build_tokenizer
 from .retrieval import RetrievalTask
@@ -94,7 +95,7 @@ class GroundingTask(RetrievalTask):
                     for e, p in zip(data.expressions, predictions)]
             with open(os.path.join(args.output_dir, "predictions.json"), "w") as f:
                 json.dump(rows, f)
-        out.update(dets=args.dets)
+        out.update(dets=args.dets, baselines=proposal_baselines(data))
         return out
 
     @classmethod

@@ -74,6 +74,10 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
+    # How ITM's negatives are drawn from the batch: "hard", in proportion to the softmax of the ITC
+    # similarity (ALBEF), or "random", uniformly among the batch's other images / texts (the tiny
+    # grounding recipe: docs/grounding.md says why).
+    itm_negatives: str = "hard"
     # A checkpoint to start from: our single-file format, a released ALBEF file or a training folder.
     init_checkpoint: Optional[str] = None
     # Load it even if it holds objects beyond tensors and plain containers (that could run code).
@@ -183,6 +187,7 @@ MINIMUMS = {
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ITM_NEGATIVES = ("hard", "random")
 POS_EMBED_INITS = ("timm", "sincos")
 
 
@@ -382,3 +387,5 @@ def validate_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.alpha {m.alpha} must lie in [0, 1]")
     if not 0.0 <= m.momentum < 1.0:
         raise ConfigError(f"model.momentum {m.momentum} must lie in [0, 1)")
+    if m.itm_negatives not in ITM_NEGATIVES:
+        raise ConfigError(f"model.itm_negatives '{m.itm_negatives}' is not one of {', '.join(ITM_NEGATIVES)}")

@@ -174,3 +174,30 @@ def test_retrieval_mode_uses_image_ids_and_no_mlm():
     out["loss"].backward()
     assert model.itm_head.weight.grad is not None
     assert model.idx_queue[0, :4].tolist() == [7, 7, 8, 9] and int(model.queue_ptr) == 4
+
+
+def test_random_itm_negatives_are_drawn_uniformly_hard_ones_by_similarity(monkeypatch):
+    """model.itm_negatives: "hard" (ALBEF) draws each ITM negative in proportion to the softmax of its
+    ITC similarity; "random" (the tiny grounding recipe) uniformly among the batch's items of
+    other image ids, whatever the similarities."""
+    from albef_ds.config import ConfigError
+    from albef_ds.tasks import objectives
+
+    weights = []
+    sample = objectives.sample_negatives
+    monkeypatch.setattr(objectives, "sample_negatives", lambda w, u: weights.append(w) or sample(w, u))
+    images, ids, mask = tiny_batch(tiny_model_config(), 4)
+    image_ids = torch.tensor([7, 7, 8, 9])              # rows 0 and 1: captions of one image
+    others = (image_ids[:, None] != image_ids[None, :]).float()
+    for mode in ("hard", "random"):
+        torch.manual_seed(0)
+        model = albef_ds.build_model(load_config("tiny", ["task=retrieval", "model.queue_size=16",
+                                                          f"model.itm_negatives={mode}"]))
+        forward(model, images, ids, mask, image_ids=image_ids)
+    (hard_i2t, hard_t2i, random_i2t, random_t2i) = weights
+    for w in (random_i2t, random_t2i):
+        assert torch.equal(w, others / 4)                # softmax of equal scores over 4 columns, others kept
+    for w in (hard_i2t, hard_t2i):
+        assert torch.equal(w > 0, others > 0) and not torch.allclose(w, others / 4)
+    with pytest.raises(ConfigError, match="model.itm_negatives 'easy' is not one of hard, random"):
+        load_config("tiny", ["model.itm_negatives=easy"])

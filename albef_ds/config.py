@@ -82,6 +82,10 @@ class ModelConfig:
     init_checkpoint: Optional[str] = None
     # Load it even if it holds objects beyond tensors and plain containers (that could run code).
     trust_init_checkpoint: bool = False
+    # Parameters of the model (a name, or a module's name for all of its parameters) that keep the
+    # model's own initialisation instead of init_checkpoint's values: [temp] starts the temperature
+    # at model.temp (the tiny grounding recipe: docs/grounding.md).
+    init_fresh: list = field(default_factory=list)
 
     def architecture_only(self) -> "ModelConfig":
         """The same architecture with no pretrained weights to fetch and no checkpoint to load."""

@@ -201,3 +201,29 @@ def test_random_itm_negatives_are_drawn_uniformly_hard_ones_by_similarity(monkey
         assert torch.equal(w > 0, others > 0) and not torch.allclose(w, others / 4)
     with pytest.raises(ConfigError, match="model.itm_negatives 'easy' is not one of hard, random"):
         load_config("tiny", ["model.itm_negatives=easy"])
+
+
+def test_init_fresh_parameters_keep_their_initialisation_the_rest_comes_from_the_checkpoint(tmp_path):
+    """model.init_fresh: the parameters it names start from the model's initialisation (temp from
+    model.temp), every other from model.init_checkpoint; a name that is no parameter stops the build."""
+    from helpers import tiny_albef
+
+    from albef_ds.checkpoint.files import save_albef_ds
+    from albef_ds.checkpoint.layout import layout_of
+    from albef_ds.config import ConfigError
+
+    source = tiny_albef(seed=3)
+    with torch.no_grad():
+        source.temp.fill_(0.001)
+    layout = layout_of(source)
+    path = str(tmp_path / "start.pt")
+    save_albef_ds(path, {k: v for k, v in source.state_dict().items() if k in layout.keys}, load_config("tiny"), layout)
+    start = f"model.init_checkpoint={path}"
+    loaded = albef_ds.build_model(load_config("tiny", [start]))
+    fresh = albef_ds.build_model(load_config("tiny", [start, "model.init_fresh=[temp]", "model.temp=0.05"]))
+    assert loaded.temp.item() == pytest.approx(0.001) and fresh.temp.item() == pytest.approx(0.05)
+    for model in (loaded, fresh):
+        assert torch.equal(model.vision_proj.weight, source.vision_proj.weight)
+        assert torch.equal(model.itm_head.weight, source.itm_head.weight)
+    with pytest.raises(ConfigError, match="model.init_fresh: tmp names no parameter of the model"):
+        albef_ds.build_model(load_config("tiny", [start, "model.init_fresh=[tmp]"]))

@@ -74,10 +74,18 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
+    # How ITM's negatives are drawn from the batch: "hard", in proportion to the softmax of the ITC
+    # similarity (ALBEF), or "random", uniformly among the batch's other images / texts (the tiny
+    # grounding recipe: docs/grounding.md says why).
+    itm_negatives: str = "hard"
     # A checkpoint to start from: our single-file format, a released ALBEF file or a training folder.
     init_checkpoint: Optional[str] = None
     # Load it even if it holds objects beyond tensors and plain containers (that could run code).
     trust_init_checkpoint: bool = False
+    # Parameters of the model (a name, or a module's name for all of its parameters) that keep the
+    # model's own initialisation instead of init_checkpoint's values: [temp] starts the temperature
+    # at model.temp (the tiny grounding recipe: docs/grounding.md).
+    init_fresh: list = field(default_factory=list)
 
     def architecture_only(self) -> "ModelConfig":
         """The same architecture with no pretrained weights to fetch and no checkpoint to load."""
@@ -184,6 +192,7 @@ MINIMUMS = {
 }
 ABOVE_ZERO = ("model.temp", "train.lr")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ITM_NEGATIVES = ("hard", "random")
 POS_EMBED_INITS = ("timm", "sincos")
 
 
@@ -398,3 +407,5 @@ def validate_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.alpha {m.alpha} must lie in [0, 1]")
     if not 0.0 <= m.momentum < 1.0:
         raise ConfigError(f"model.momentum {m.momentum} must lie in [0, 1)")
+    if m.itm_negatives not in ITM_NEGATIVES:
+        raise ConfigError(f"model.itm_negatives '{m.itm_negatives}' is not one of {', '.join(ITM_NEGATIVES)}")

@@ -1,6 +1,7 @@
 """Small builders shared by the tests (not fixtures, so subprocess workers can import them too)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -239,3 +240,12 @@ def run_ranks(fn, world, *args):
             errors = "".join(open(p).read() for p in sorted(glob.glob(f"{out_dir}/*.err")))
             raise AssertionError(f"a rank failed:\n{errors or exc}") from None
         return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def tool(name: str):
+    """A script of tools/ as a module (tools/ is no package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

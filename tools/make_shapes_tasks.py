@@ -7,12 +7,15 @@ with a copy of its train file whose images are shuffled between entries (the tex
 
 -> output/shapes_tasks/nlvr/{nlvr_train,nlvr_dev,nlvr_test,nlvr_train_shuffled}.json + images/,
    output/shapes_tasks/ve/{ve_train,ve_dev,ve_test,ve_train_shuffled}.json + images/
-(each folder is its corpus' image root; the tiny_nlvr2 / tiny_snli_ve configs read them there).
-Nothing is rewritten when the folder already holds the same corpus.
+(each folder is its corpus' image root). Prints the files and, per corpus, the overrides that
+point its tiny recipe (tiny_nlvr2 / tiny_snli_ve) at them: `train_overrides`, and
+`shuffled_train_overrides` for the train file with shuffled images. Nothing is rewritten when the
+folder already holds the same corpus.
 """
 import argparse
 import json
 import os
+import shlex
 
 from albef_ds.cli import report_input_error
 from albef_ds.config import ConfigError
@@ -31,6 +34,15 @@ def write_shapes_tasks(out: str, train: int = 4000, heldout: int = 400, seed: in
     return corpora
 
 
+def training_overrides(name: str, paths: dict, train: str) -> list[str]:
+    """The overrides that train the tiny recipe of corpus `name` ("nlvr" or "ve"; paths: its entry
+    of write_shapes_tasks) on the train file `train` and evaluate it on the corpus' dev and test
+    files (the corpus named as in the shipped tiny_nlvr2 / tiny_snli_ve configs)."""
+    root = paths["image_root"]
+    return [f"data.corpora=[{{name: {name}_shapes, annotations: [{train}], image_root: {root}}}]",
+            f"eval.data=[{paths['dev']}, {paths['test']}]", f"eval.image_root={root}"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="output/shapes_tasks")
@@ -42,7 +54,9 @@ def main(argv=None) -> int:
         corpora = write_shapes_tasks(args.out, args.train, args.heldout, args.seed)
     except OSError as exc:
         return report_input_error(ConfigError(f"cannot write the corpora into --out {args.out}: {exc.strerror or exc}"))
-    print(json.dumps(corpora, indent=1))
+    print(json.dumps({name: {"files": paths, "train_overrides": shlex.join(training_overrides(name, paths, paths["train"])),
+                             "shuffled_train_overrides": shlex.join(training_overrides(name, paths, paths["train_shuffled"]))}
+                      for name, paths in corpora.items()}, indent=1))
     return 0
 
 

@@ -3,9 +3,11 @@
 overrides that train and evaluate the tiny VQA recipe on it:
 
     python tools/make_vqa_corpus.py --out /tmp/vqa_shapes
-    deepspeed --num_gpus 1 albef_ds/train.py --deepspeed ds_configs/zero2.json --config tiny_vqa \\
-        --output_dir /tmp/vqa_run model.init_checkpoint=tests/data/tiny_pretrained.safetensors <overrides>
-    python -m albef_ds.evaluate vqa --checkpoint /tmp/vqa_run <evaluate arguments>
+    python albef_ds/train.py --deepspeed ds_configs/zero2.json --config tiny_vqa --output_dir /tmp/vqa_run \\
+        model.init_checkpoint=tests/data/tiny_pretrained_positions.safetensors <train overrides>
+    python -m albef_ds.evaluate vqa --checkpoint /tmp/vqa_run <evaluate arguments> --output_dir /tmp/vqa_eval
+
+(docs/vqa.md's proof of learning: these commands with the overrides written out.)
 
 `--shuffled` also writes the training files with their images shuffled among the questions (the
 question-only prior of docs/vqa.md) and prints their overrides.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import Config
+from ..config import Config, ConfigError
 from ..tasks import get_task
 from ..tasks.base import Task, TrainingModel
 from .files import check_trained_head, prepare, read_checkpoint
@@ -54,9 +54,23 @@ def load_state(model: nn.Module, state: dict, cfg: Config, source: str = "checkp
 
 def init_from_checkpoint(model: nn.Module, cfg: Config, path: str, trusted: bool = False) -> Report:
     """model.init_checkpoint: our file, a released ALBEF file or a training folder, loaded into a
-    freshly built training model of `cfg` (reported on rank 0)."""
+    freshly built training model of `cfg` (reported on rank 0), but the parameters model.init_fresh
+    names, which keep their initialisation."""
     ckpt = read_checkpoint(path, config=cfg, trusted=trusted)
-    report = ckpt.report.then(load_state(model, ckpt.state_dict, cfg, ckpt.source, fresh=ckpt.fresh))
+    names = tuple(cfg.model.init_fresh)
+
+    def kept(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in names)
+
+    unknown = [n for n in names if not any(k == n or k.startswith(n + ".") for k, _ in model.named_parameters())]
+    if unknown:
+        raise ConfigError(f"model.init_fresh: {', '.join(unknown)} names no parameter of the model")
+    state = {k: v for k, v in ckpt.state_dict.items() if not kept(k)}
+    loaded = load_state(model, state, cfg, ckpt.source, fresh=ckpt.fresh + names)
+    if names:
+        loaded.missing = [k for k in loaded.missing if not kept(k)]
+        loaded.notes.append(f"model.init_fresh: {', '.join(names)} kept at the model's initialisation")
+    report = ckpt.report.then(loaded)
     if distributed.rank() == 0:
         print(f"model.init_checkpoint: loaded {ckpt.source} ({ckpt.kind})", flush=True)
         for line in report.lines():

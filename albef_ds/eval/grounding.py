@@ -301,6 +301,9 @@ def format_grounding(metrics: dict) -> str:
     skipped = {k: v for k, v in metrics["skipped_by_reason"].items() if v}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if "baselines" in metrics:
+        b = metrics["baselines"]
+        lines.append(f"  baselines: a random proposal {b['random']:.2f}% (expected), the largest {b['largest']:.2f}%")
     return "\n".join(lines)
 
 

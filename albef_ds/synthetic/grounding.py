@@ -3,8 +3,9 @@
 Each image shows two or three coloured shapes (the shapes corpus' colours and outlines,
 albef_ds.synthetic.shapes) at random places that do not overlap, on a plain grey background. Every
 shape is referred to by one expression that names its colour and kind ("the red circle"), unique
-in its image; a third of the time another shape of the image shares the colour, and a third of
-the time the kind, so that both words matter. Files (under `out_dir`):
+in its image: the shapes of an image have distinct colours, and each after the first has the kind
+of an earlier one half of the time (so the kind alone often does not tell them apart). Files
+(under `out_dir`):
 
   images/<image id>.png
   refcoco+_train.json   [{"image", "text"}]                       (ALBEF's train entries)
@@ -19,6 +20,11 @@ ALBEF's val / test entries carry only "ref_id": the box and split of a ref come 
 toolkit's refs(unc).p, which is not distributed here. The generated entries therefore carry them
 ("bbox" [x, y, w, h] in image pixels, "split", "image_id"), and albef_ds.eval.grounding reads
 them from the entry when present. Every file is a function of (seed, counts, image size).
+
+    python -m albef_ds.synthetic.grounding --out_dir output/grounding_data
+
+prints the files, the overrides that train albef_ds/configs/tiny_grounding.yaml on them and the
+arguments of `python -m albef_ds.evaluate grounding` on the test file.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 
 from PIL import Image, ImageDraw
 
@@ -148,6 +155,14 @@ def write_grounding_corpus(out_dir: str, train_images: int = 800, val_images: in
     return paths
 
 
+def training_overrides(paths: dict) -> list[str]:
+    """The overrides that point albef_ds/configs/tiny_grounding.yaml at the corpus of `paths`
+    (write_grounding_corpus's result)."""
+    root = paths["image_root"]
+    return [f"data.corpora=[{{name: shapes_grounding, annotations: [{paths['train']}], image_root: {root}}}]",
+            f"eval.data=[{paths['val']}]", f"eval.image_root={root}", f"grounding.dets={paths['dets']}"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Writes the generated grounding corpus (ALBEF's formats)")
     ap.add_argument("--out_dir", required=True)
@@ -159,7 +174,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     paths = write_grounding_corpus(args.out_dir, args.train_images, args.val_images, args.test_images,
                                    args.image_size, args.seed)
-    print(json.dumps(paths, indent=1))
+    print(json.dumps({"files": paths,
+                      "train_overrides": shlex.join(training_overrides(paths)),
+                      "evaluate_arguments": shlex.join(["--data", paths["test"], "--dets", paths["dets"],
+                                                        "--image_root", paths["image_root"]])}, indent=1))
 
 
 if __name__ == "__main__":

@@ -127,10 +127,14 @@ class ContrastiveModel(ALBEF, TrainingModel):
         loss_itc, sim_i2t, sim_t2i = objectives.itc(image_feat, text_feat, image_feat_m, text_feat_m,
                                                     image_bank, text_bank, positives, temp, alpha)
 
-        # Hard negatives from the global batch, mined with the ITC similarities.
+        # Negatives from the global batch: hard ones mined with the ITC similarities (ALBEF), or
+        # drawn uniformly (model.itm_negatives: random; the softmax of equal scores).
         with torch.no_grad():
-            weights_i2t, valid_i = objectives.negative_weights(sim_i2t[:, :n], positives[:, :n])
-            weights_t2i, valid_t = objectives.negative_weights(sim_t2i[:, :n], positives[:, :n])
+            draw_i2t, draw_t2i = sim_i2t[:, :n], sim_t2i[:, :n]
+            if self.cfg.itm_negatives == "random":
+                draw_i2t, draw_t2i = torch.zeros_like(draw_i2t), torch.zeros_like(draw_t2i)
+            weights_i2t, valid_i = objectives.negative_weights(draw_i2t, positives[:, :n])
+            weights_t2i, valid_t = objectives.negative_weights(draw_t2i, positives[:, :n])
             uniforms = objectives.batch_uniforms(2, b, rows, generator, images.device)
             neg_text = objectives.sample_negatives(weights_i2t, uniforms[0])   # a text for each image
             neg_image = objectives.sample_negatives(weights_t2i, uniforms[1])  # an image for each text

@@ -15,7 +15,8 @@ from ..config import ConfigError
 from ..data.annotations import GROUNDING_TRAIN
 from ..data.grounding import ExpressionCodec
 from ..data.transforms import build_transform
-from ..eval.grounding import GroundingEvaluator, evaluate_grounding, format_grounding, read_grounding_set
+from ..eval.grounding import (GroundingEvaluator, evaluate_grounding, format_grounding, proposal_baselines,
+                              read_grounding_set)
 from ..eval.inputs import check_skipped
 from ..fileio import atomic_write
 from ..models.gradcam import check_gradcam, default_gradcam_layer
@@ -108,7 +109,7 @@ class GroundingTask(RetrievalTask):
                     for e, p in zip(data.expressions, predictions)]
             text = json.dumps(rows)
             atomic_write(os.path.join(args.output_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(text))
-        out.update(dets=args.dets)
+        out.update(dets=args.dets, baselines=proposal_baselines(data))
         return out
 
     @classmethod

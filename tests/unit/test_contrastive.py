@@ -199,3 +199,56 @@ def test_retrieval_mode_uses_image_ids_and_no_mlm():
     out["loss"].backward()
     assert model.itm_head.weight.grad is not None
     assert model.idx_queue[0, :4].tolist() == [7, 7, 8, 9] and int(model.queue_ptr) == 4
+
+
+def test_random_itm_negatives_are_drawn_uniformly_hard_ones_by_similarity(monkeypatch):
+    """model.itm_negatives: "hard" (ALBEF) draws each ITM negative in proportion to the softmax of its
+    ITC similarity; "random" (the tiny grounding recipe) uniformly among the batch's items of
+    other image ids, whatever the similarities."""
+    from albef_ds.config import ConfigError
+    from albef_ds.tasks import objectives
+
+    weights = []
+    sample = objectives.sample_negatives
+    monkeypatch.setattr(objectives, "sample_negatives", lambda w, u: weights.append(w) or sample(w, u))
+    images, ids, mask = tiny_batch(tiny_model_config(), 4)
+    image_ids = torch.tensor([7, 7, 8, 9])              # rows 0 and 1: captions of one image
+    others = (image_ids[:, None] != image_ids[None, :]).float()
+    for mode in ("hard", "random"):
+        torch.manual_seed(0)
+        model = albef_ds.build_model(load_config("tiny", ["task=retrieval", "model.queue_size=16",
+                                                          f"model.itm_negatives={mode}"]))
+        forward(model, images, ids, mask, image_ids=image_ids)
+    (hard_i2t, hard_t2i, random_i2t, random_t2i) = weights
+    for w in (random_i2t, random_t2i):
+        assert torch.equal(w, others / 4)                # softmax of equal scores over 4 columns, others kept
+    for w in (hard_i2t, hard_t2i):
+        assert torch.equal(w > 0, others > 0) and not torch.allclose(w, others / 4)
+    with pytest.raises(ConfigError, match="model.itm_negatives 'easy' is not one of hard, random"):
+        load_config("tiny", ["model.itm_negatives=easy"])
+
+
+def test_init_fresh_parameters_keep_their_initialisation_the_rest_comes_from_the_checkpoint(tmp_path):
+    """model.init_fresh: the parameters it names start from the model's initialisation (temp from
+    model.temp), every other from model.init_checkpoint; a name that is no parameter stops the build."""
+    from helpers import tiny_albef
+
+    from albef_ds.checkpoint.files import save_albef_ds
+    from albef_ds.checkpoint.layout import layout_of
+    from albef_ds.config import ConfigError
+
+    source = tiny_albef(seed=3)
+    with torch.no_grad():
+        source.temp.fill_(0.001)
+    layout = layout_of(source)
+    path = str(tmp_path / "start.pt")
+    save_albef_ds(path, {k: v for k, v in source.state_dict().items() if k in layout.keys}, load_config("tiny"), layout)
+    start = f"model.init_checkpoint={path}"
+    loaded = albef_ds.build_model(load_config("tiny", [start]))
+    fresh = albef_ds.build_model(load_config("tiny", [start, "model.init_fresh=[temp]", "model.temp=0.05"]))
+    assert loaded.temp.item() == pytest.approx(0.001) and fresh.temp.item() == pytest.approx(0.05)
+    for model in (loaded, fresh):
+        assert torch.equal(model.vision_proj.weight, source.vision_proj.weight)
+        assert torch.equal(model.itm_head.weight, source.itm_head.weight)
+    with pytest.raises(ConfigError, match="model.init_fresh: tmp names no parameter of the model"):
+        albef_ds.build_model(load_config("tiny", [start, "model.init_fresh=[tmp]"]))

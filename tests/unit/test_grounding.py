@@ -256,3 +256,24 @@ def test_the_task_checks_its_options_and_evaluation_data(grounding_corpus):
     evaluator = get_task(good).evaluator("unused")
     assert evaluator.data.splits == ["val", "testA", "testB"]
     assert set(evaluator(tiny_albef())) >= set(get_task(good).eval_metrics)
+
+
+def test_the_generator_prints_the_overrides_that_point_the_tiny_recipe_at_its_corpus(tmp_path, capsys):
+    """`python -m albef_ds.synthetic.grounding` prints the overrides of the corpus it wrote, and the
+    shipped tiny_grounding.yaml's own paths are those overrides for --out_dir output/grounding_data."""
+    import shlex
+
+    from albef_ds.config import load_config
+    from albef_ds.synthetic.grounding import SPLIT_FILES, main, training_overrides
+
+    main(["--out_dir", str(tmp_path), "--train_images", "2", "--val_images", "1", "--test_images", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    files = printed["files"]
+    cfg = load_config("tiny_grounding", shlex.split(printed["train_overrides"]))
+    assert [(c.annotations, c.image_root) for c in cfg.data.corpora] == [([files["train"]], str(tmp_path))]
+    assert (cfg.eval.data, cfg.eval.image_root, cfg.options["dets"]) == ([files["val"]], str(tmp_path), files["dets"])
+    assert shlex.split(printed["evaluate_arguments"]) == ["--data", files["test"], "--dets", files["dets"],
+                                                          "--image_root", str(tmp_path)]
+    shipped = {split: f"output/grounding_data/{name}" for split, name in SPLIT_FILES.items()}
+    shipped.update(dets="output/grounding_data/dets.json", image_root="output/grounding_data")
+    assert load_config("tiny_grounding", training_overrides(shipped)) == load_config("tiny_grounding")

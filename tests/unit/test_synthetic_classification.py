@@ -109,3 +109,27 @@ def test_shuffled_baseline_keeps_sentences_and_labels_and_moves_every_image(nlvr
         assert [(e["sentence"], e["label"]) for e in shuffled] == [(e["sentence"], e["label"]) for e in original]
         assert all(a[key] != b[key] for a, b in zip(original, shuffled))
         assert sorted(map(str, (e[key] for e in shuffled))) == sorted(map(str, (e[key] for e in original)))
+
+
+def test_the_generator_prints_the_overrides_that_point_the_tiny_recipes_at_its_corpora(tmp_path, capsys):
+    """tools/make_shapes_tasks.py prints, per corpus, the overrides that train its tiny recipe on the
+    corpus it wrote (and on the shuffled-images train file); the shipped tiny_nlvr2 / tiny_snli_ve
+    configs' own paths are those overrides for --out output/shapes_tasks."""
+    import shlex
+
+    from helpers import tool
+
+    from albef_ds.config import load_config
+
+    make = tool("make_shapes_tasks")
+    assert make.main(["--out", str(tmp_path), "--train", "4", "--heldout", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for name, config in (("nlvr", "tiny_nlvr2"), ("ve", "tiny_snli_ve")):
+        files = printed[name]["files"]
+        for key, train in (("train_overrides", files["train"]), ("shuffled_train_overrides", files["train_shuffled"])):
+            cfg = load_config(config, shlex.split(printed[name][key]))
+            assert [(c.annotations, c.image_root) for c in cfg.data.corpora] == [([train], files["image_root"])]
+            assert (cfg.eval.data, cfg.eval.image_root) == ([files["dev"], files["test"]], files["image_root"])
+        root = f"output/shapes_tasks/{name}"
+        shipped = {"image_root": root, **{split: f"{root}/{name}_{split}.json" for split in ("train", "dev", "test")}}
+        assert load_config(config, make.training_overrides(name, shipped, shipped["train"])) == load_config(config)

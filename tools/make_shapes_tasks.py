@@ -12,12 +12,11 @@ point its tiny recipe (tiny_nlvr2 / tiny_snli_ve) at them: `train_overrides`, an
 `shuffled_train_overrides` for the train file with shuffled images. Nothing is rewritten when the
 folder already holds the same corpus.
 """
-import argparse
 import json
 import os
 import shlex
 
-from albef_ds.cli import report_input_error
+from albef_ds.cli import ArgumentParser, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.synthetic.labelled import write_shuffled_images
 from albef_ds.synthetic.nlvr import write_nlvr_shapes
@@ -44,7 +43,7 @@ def training_overrides(name: str, paths: dict, train: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="output/shapes_tasks")
     p.add_argument("--train", type=int, default=4000, help="training samples per corpus")
     p.add_argument("--heldout", type=int, default=400, help="dev and test samples per corpus")

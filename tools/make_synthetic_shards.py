@@ -12,13 +12,13 @@ import dataclasses
 import json
 import sys
 
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import ArgumentParser, INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError, SyntheticConfig, load_config
 from albef_ds.synthetic.shapes import write_synthetic_corpus
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default="tiny", help="config whose data.synthetic gives the defaults")
     for field in dataclasses.fields(SyntheticConfig):

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from albef_ds.cli import INPUT_ERRORS, report_input_error
+from albef_ds.cli import ArgumentParser, INPUT_ERRORS, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.synthetic.vqa import shuffle_images, write_vqa_corpus
 
@@ -30,7 +30,7 @@ def overrides(corpus: dict, train: str, vg: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--train_images", type=int, default=400)
     ap.add_argument("--heldout_images", type=int, default=60)

@@ -28,7 +28,6 @@ arguments of `python -m albef_ds.evaluate grounding` on the test file.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -36,6 +35,7 @@ import shlex
 
 from PIL import Image, ImageDraw
 
+from ..cli import ArgumentParser
 from .shapes import COLOURS, SHAPES, SUPERSAMPLE, outline
 
 TEMPLATES = ("the {colour} {shape}", "a {colour} {shape}", "{colour} {shape}",
@@ -164,7 +164,7 @@ def training_overrides(paths: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Writes the generated grounding corpus (ALBEF's formats)")
+    ap = ArgumentParser(description="Writes the generated grounding corpus (ALBEF's formats)")
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--train_images", type=int, default=800)
     ap.add_argument("--val_images", type=int, default=60)

@@ -241,10 +241,11 @@ def test_the_task_checks_its_options_and_evaluation_data(grounding_corpus):
     task = get_task(cfg)
     task.check(1)
     assert type(task.build_model()).__name__ == "ContrastiveModel" and not task.build_model().mlm
-    for override, message in (("grounding.mode=cam", "grounding.mode / grounding.gradcam_layer: Grad-CAM mode 'cam'"),
-                              ("grounding.gradcam_layer=4", "ViT blocks are 0..3")):
+    for overrides, message in ((["grounding.mode=cam"], "grounding.mode / grounding.gradcam_layer: Grad-CAM mode 'cam'"),
+                               (["grounding.gradcam_layer=4"], "the model's fusion layers of BERT are 2..3"),
+                               (["grounding.mode=itc", "grounding.gradcam_layer=4"], "ViT blocks are 0..3")):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            get_task(albef_ds.load_config(cfg, [override])).check(1)
+            get_task(albef_ds.load_config(cfg, overrides)).check(1)
     with pytest.raises(ConfigError, match="grounding evaluation needs eval.data"):
         get_task(albef_ds.load_config(cfg, ["eval.data=[]"])).evaluator("unused")
     bad = albef_ds.load_config(cfg, [f"eval.data=[{grounding_corpus['val']}]", f"grounding.dets={grounding_corpus['train']}"])

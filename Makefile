@@ -43,7 +43,7 @@ demo: $(STAMP)
 	deepspeed --num_gpus 2 albef_ds/demo.py --deepspeed ds_configs/zero2.json
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): about a minute.
 test-fast: $(STAMP)

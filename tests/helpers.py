@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -249,3 +250,21 @@ def tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def loop_fusion_layer(block, x, key_mask, source):
+    """One fusion layer of the BERT encoder written out head by head with explicit softmax
+    attention (the loop reference of the maps' tests): returns its output and each head's
+    cross-attention probabilities."""
+    x = block.attention(x, key_mask)
+    ca = block.crossattention
+    q, k, v = ca.self.query(x), ca.self.key(source), ca.self.value(source)
+    d = q.shape[-1] // ca.heads
+    probs, outs = [], []
+    for h in range(ca.heads):
+        part = slice(h * d, (h + 1) * d)
+        p = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d), -1)
+        probs.append(p)
+        outs.append(p @ v[..., part])
+    x = ca.output(torch.cat(outs, -1), x)
+    return block.output(block.intermediate(x), x), probs

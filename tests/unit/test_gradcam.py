@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import forward, tiny_albef, tiny_batch, tiny_model_config
+from helpers import forward, loop_fusion_layer, tiny_albef, tiny_batch, tiny_model_config
 
 import albef_ds
 from albef_ds.models.gradcam import (check_gradcam, cross_attention_probs, default_gradcam_layer, gradcam, itc_maps,
@@ -35,19 +35,7 @@ def reference_itm_maps(model, images, ids, mask, layer):
     x = te.encode_text(ids, mask)
     kept = None
     for i in range(te.cfg.fusion_start, te.cfg.layers):
-        block = te.bert.encoder.layer[i]
-        x = block.attention(x, te.key_mask(mask))
-        ca = block.crossattention
-        q, k, v = ca.self.query(x), ca.self.key(image_embeds), ca.self.value(image_embeds)
-        d = q.shape[-1] // ca.heads
-        probs, outs = [], []
-        for h in range(ca.heads):
-            part = slice(h * d, (h + 1) * d)
-            p = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d), -1)
-            probs.append(p)
-            outs.append(p @ v[..., part])
-        x = ca.output(torch.cat(outs, -1), x)
-        x = block.output(block.intermediate(x), x)
+        x, probs = loop_fusion_layer(te.bert.encoder.layer[i], x, te.key_mask(mask), image_embeds)
         if i == layer:
             kept = probs
     logit = model.itm_head(x[:, 0])[:, 1]

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_albef
+from helpers import loop_fusion_layer, tiny_albef
 from PIL import Image
 from vqa_helpers import TOKENIZER, tiny_vqa
 
@@ -59,20 +59,8 @@ def explicit_fusion(encoder, ids, mask, images):
     start = encoder.cfg.fusion_start
     kept = {}
     for n in range(start, len(encoder.bert.encoder.layer)):
-        block = encoder.bert.encoder.layer[n]
-        x = block.attention(x, encoder.key_mask(mask))
-        ca, source = block.crossattention, images[(n - start) % len(images)]
-        q, k, v = ca.self.query(x), ca.self.key(source), ca.self.value(source)
-        d = q.shape[-1] // ca.heads
-        probs, outs = [], []
-        for h in range(ca.heads):
-            part = slice(h * d, (h + 1) * d)
-            p = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d), -1)
-            probs.append(p)
-            outs.append(p @ v[..., part])
-        x = ca.output(torch.cat(outs, -1), x)
-        x = block.output(block.intermediate(x), x)
-        kept[n] = probs
+        x, kept[n] = loop_fusion_layer(encoder.bert.encoder.layer[n], x, encoder.key_mask(mask),
+                                       images[(n - start) % len(images)])
     return x, kept
 
 

@@ -14,9 +14,8 @@ numbers they print), by the doc's reader below.
         mean, min, max and spread (max - min). A run whose folder holds its numbers already is not
         run again.
 
-tests/learning/test_grounding_learning.py runs the first form and compares the numbers with the
-doc's tables. The other proofs of learning (retrieval, NLVR2 / SNLI-VE, VQA) are still tests that
-train in-process; moving their docs to this form needs their numbers measured over seeds first.
+tests/learning/test_grounding_learning.py and test_classification_learning.py run the first form
+and compare the numbers with the doc's tables.
 """
 from __future__ import annotations
 
@@ -133,6 +132,19 @@ def run(doc: str, out: str, seed: int = DEFAULT_SEED, threads: int | None = None
     return numbers
 
 
+def last_evaluation(folder: str) -> dict:
+    """The last evaluation a training run logged ({metric: value} without the eval/ prefix)."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evals = [{k[5:]: v for k, v in r.items() if k.startswith("eval/")} for r in rows]
+    return [e for e in evals if e][-1]
+
+
+def training_rows(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
 def read_json(*parts: str) -> dict:
     with open(os.path.join(*parts)) as f:
         return json.load(f)
@@ -153,7 +165,22 @@ def grounding_numbers(out: str) -> dict:
     return rows
 
 
-READERS = {"grounding.md": grounding_numbers}
+def classification_numbers(out: str) -> dict:
+    rows = {}
+    for name, run, test_key in (("NLVR2", "tiny_nlvr2", "nlvr_test_acc"), ("SNLI-VE", "tiny_snli_ve", "ve_test_acc")):
+        for suffix, label in (("", ""), ("_shuffled", ", images shuffled")):
+            e = last_evaluation(os.path.join(out, run + suffix))
+            rows[name + label] = {"dev": e["acc"], "test": e[test_key]}
+    steps = training_rows(os.path.join(out, "tiny_nlvr2_ta"))
+    first, last = steps[:4], steps[-4:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)      # noqa: E731
+    rows["pre-step, first 4 logged steps"] = {"loss": mean(first, "loss_ta"), "batch accuracy": 100 * mean(first, "ta_acc")}
+    rows["pre-step, last 4 logged steps"] = {"loss": mean(last, "loss_ta"), "batch accuracy": 100 * mean(last, "ta_acc")}
+    rows["NLVR2, released layout, evaluate"] = {"test": read_json(out, "nlvr2_eval", "metrics.json")["acc"]}
+    return rows
+
+
+READERS = {"grounding.md": grounding_numbers, "classification.md": classification_numbers}
 
 
 # ---- comparing --------------------------------------------------------------------------------
@@ -195,7 +222,7 @@ def spread(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md")
+    ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md or docs/classification.md")
     ap.add_argument("--out", required=True, help="where output/ goes (a folder per run with --seeds / --threads)")
     ap.add_argument("--seeds", type=int, nargs="+", help="train.seed of each run (42: the doc's commands)")
     ap.add_argument("--threads", type=int, nargs="+", help="OMP_NUM_THREADS of each run")

@@ -13,6 +13,7 @@ from helpers import run_ranks, tiny_batch
 from albef_ds import build_model, load_model
 from albef_ds.checkpoint.files import BASE_RELEASE_OVERRIDES, read_checkpoint
 from albef_ds.checkpoint.layout import model_layout
+from albef_ds.checkpoint.manifest import write_manifest
 from albef_ds.config import load_config
 from albef_ds.models.vit import resize_pos_embed
 
@@ -134,6 +135,7 @@ def test_zero3_momentum_comes_from_our_fp32_partitions(trained, tmp_path):
         state = torch.load(path, weights_only=False)
         state["momentum"] = [t + 0.25 for t in state["momentum"]]
         torch.save(state, path)
+    write_manifest(str(folder / "checkpoints" / TAG))      # edited on purpose: sealed again
     merged = read_checkpoint(str(folder)).state_dict
     ref = results[3]["weights"]
     layout = model_layout(train_cfg(1))
@@ -340,7 +342,7 @@ def test_released_base_checkpoint_and_its_fine_tuned_variant_load(tmp_path, caps
     del model
 
 
-def test_fine_tuned_tiny_release_via_load_model_reports_what_it_lacks(trained, tmp_path):
+def test_fine_tuned_tiny_release_via_load_model_gives_the_trainers_outputs_without_a_warning(trained, tmp_path):
     out, results = trained
     ours = read_checkpoint(f"{out}/zero2")
     tuned = {k.replace("text_encoder.bert.", "text_encoder."): v
@@ -351,8 +353,9 @@ def test_fine_tuned_tiny_release_via_load_model_reports_what_it_lacks(trained, t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = load_model(path, config=train_cfg(1))
+    # the MLM head a fine-tuned release drops is nothing a user can act on: no warning names it
     said = " | ".join(str(w.message) for w in caught)
-    assert "absent from the checkpoint" in said and "text_encoder.cls.predictions.bias" in said, said
+    assert "absent from the checkpoint" not in said and "cls.predictions" not in said, said
     got = outputs(model, *probe())
     for key in ("image_features", "text_features", "itm_scores"):      # the MLM head is not in the file
         torch.testing.assert_close(got[key], results[2]["outputs"][key], rtol=1e-5, atol=1e-6)
@@ -385,12 +388,12 @@ def test_bad_inputs_fail_with_a_named_cause_and_no_output(trained, tmp_path, cap
     shard = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    bad(capsys, tmp_path, ["--input", str(run)], "truncated", str(shard))
+    bad(capsys, tmp_path, ["--input", str(run)], "fails its check", f"{shard}: {os.path.getsize(shard)} bytes, the save wrote")
     shard.unlink()
-    bad(capsys, tmp_path, ["--input", str(run)], "missing file", str(shard))
+    bad(capsys, tmp_path, ["--input", str(run)], "fails its check", f"{shard}: missing")
     shutil.copy(f"{out}/zero3/checkpoints/{TAG}/{shard.name}", shard)
     (folder / "albef_rank1.pt").unlink()
-    bad(capsys, tmp_path, ["--input", str(run)], "missing file", str(folder / "albef_rank1.pt"))
+    bad(capsys, tmp_path, ["--input", str(run)], "fails its check", f"{folder / 'albef_rank1.pt'}: missing")
 
     other = tmp_path / "other.pt"
     torch.save({"weights": {"layer.weight": torch.ones(2)}}, other)

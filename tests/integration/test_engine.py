@@ -177,8 +177,8 @@ def test_unreadable_evaluation_data_or_an_unwritable_output_fails_before_trainin
     assert "eval.data" in missing and "missing.json" in missing and "No such file" in missing
     assert "broken.json" in broken and "line 1" in broken                       # the JSON error's place
     assert "missing-{0..1}.tar' matches no file" in shards
-    assert f"cannot create the checkpoint folder {tmp_path}/broken.json/checkpoints" in output
-    assert os.listdir(tmp_path / "checkpoints") == []                           # nothing trained or saved
+    assert f"output_dir {tmp_path}/broken.json/checkpoints: {tmp_path}/broken.json is a file, not a folder" in output
+    assert not (tmp_path / "checkpoints").exists()               # nothing trained, saved or even made
 
 
 def test_zero2_reduction_settings_follow_the_world_size():

@@ -1,9 +1,10 @@
 """Retrieval evaluation split over two real ranks equals one process, through the library and the
 command line."""
+import contextlib
+import io
 import json
 import os
 
-import pytest
 import torch
 from helpers import run_ranks, shapes_set, tiny_model
 
@@ -57,9 +58,12 @@ def _eval_on_ranks(rank, world, n_images, k_test, batch_size, folder):
 def _cli_into_a_file(rank, world, folder):
     blocker = os.path.join(folder, "taken")
     open(blocker, "w").close()
-    with pytest.raises(FileExistsError, match=blocker):      # before the checkpoint is even looked for
-        main(["retrieval", "--checkpoint", os.path.join(folder, "none.pt"), "--data",
-              os.path.join(folder, "none.json"), "--output_dir", blocker])
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        code = main(["retrieval", "--checkpoint", os.path.join(folder, "none.pt"), "--data",
+                     os.path.join(folder, "none.json"), "--output_dir", blocker])
+    # one line, exit 2, before the checkpoint is even looked for
+    assert code == 2 and said.getvalue() == f"error: --output_dir {blocker}: {blocker} is a file, not a folder\n"
 
 
 def test_the_command_line_checks_its_output_folder_before_the_work(tmp_path):

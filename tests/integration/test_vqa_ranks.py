@@ -116,14 +116,15 @@ def write_inputs(folder):
 def command(folder, out_dir, checkpoint="vqa.pt", answer_list="answer_list.json"):
     return ["vqa", "--checkpoint", os.path.join(folder, checkpoint), "--data", os.path.join(folder, "questions.json"),
             "--image_root", folder, "--answer_list", os.path.join(folder, answer_list),
-            "--output_dir", out_dir, "--batch_size", "2", "--k_test", "4"]
+            "--output_dir", out_dir, "--batch_size", "2", "--k_test", "4", "--max_skipped", "0.2"]
 
 
 def evaluate_fn(rank, world, folder):
     model = tiny_vqa(0, spread=0.3).eval()
     data = read_vqa_set(os.path.join(folder, "questions.json"), folder)
+    # one of the 7 images is gone on purpose: a share of the set allowed to be skipped
     out = evaluate_vqa(model, data, ANSWER_LIST, TOKENIZER, 64, k_test=4, batch_size=2,
-                       result_file=os.path.join(folder, f"api{world}.json"))
+                       result_file=os.path.join(folder, f"api{world}.json"), max_skipped=0.2)
     out_dir = os.path.join(folder, f"cli{world}")
     code = main(command(folder, out_dir))
     errors = None
@@ -150,7 +151,7 @@ def test_two_ranks_give_one_processs_answers_and_report_an_unreadable_image(tmp_
     assert no_list == 2 and f"--answer_list: answer list {folder}/nowhere.json: no such file" in messages
     assert not os.path.exists(os.path.join(folder, "bad", RESULT_FILE))
     assert reference["questions"] == 7 and reference["answered"] == 6 and reference["skipped"] == 1
-    assert reference["skipped_images"] == [os.path.join(folder, "gone.png")]
+    assert reference["skipped_items"] == [f"question 103: image {os.path.join(folder, 'gone.png')} unreadable"]
     assert [r["question_id"] for r in result] == [100, 101, 102, 104, 105, 106]      # 103 not answered
     assert {r["answer"] for r in result} <= set(ANSWER_LIST) and len({r["answer"] for r in result}) > 1
     assert json.load(open(os.path.join(folder, "api1.json"))) == result

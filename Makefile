@@ -42,12 +42,17 @@ browser:
 demo: $(STAMP)
 	deepspeed --num_gpus 2 albef_ds/demo.py --deepspeed ds_configs/zero2.json
 
+# Two test files at a time (pytest-xdist, a file's tests together on one worker, so a file's fixed
+# ports and the one local Slurm cluster are never shared): a test's processes leave the second
+# core idle much of the time (start-up imports, rendezvous, evaluations, waits on Slurm), and no
+# number moves with the machine's load (every run's thread count is fixed). Idle OpenMP threads
+# sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning against the other file's processes.
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=25 tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): about a minute.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile tests/unit
 
 # The tiny pretrained checkpoints the downstream tasks' tests start from (online weights, fp32):
 # the demo's pretraining on one rank without distillation, then its conversion.

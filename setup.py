@@ -28,5 +28,5 @@ setup(
     ],
     # the page's tests drive Debian's chromium + chromedriver (the Makefile installs them); scikit-image:
     # the real photographs of tools/make_photo_shards.py (tests/unit/test_data_pixels.py, the data bench)
-    extras_require={"test": ["pytest>=8", "selenium>=4.20", "httpx>=0.27", "scikit-image>=0.22"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "selenium>=4.20", "httpx>=0.27", "scikit-image>=0.22"]},
 )

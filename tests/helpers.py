@@ -268,3 +268,19 @@ def loop_fusion_layer(block, x, key_mask, source):
         outs.append(p @ v[..., part])
     x = ca.output(torch.cat(outs, -1), x)
     return block.output(block.intermediate(x), x), probs
+
+
+def write_refer_folder(folder, entries: list, first_ann_id: int) -> str:
+    """A REFER folder (refs(unc).p, instances.json) holding the boxes and splits of generated
+    grounding entries, as ALBEF's grounding data reads them; returns its path."""
+    import json
+    import pickle
+
+    os.makedirs(folder)
+    refs = [{"ref_id": e["ref_id"], "ann_id": first_ann_id + i, "image_id": e["image_id"], "split": e["split"],
+             "sentences": [{"sent": e["text"]}]} for i, e in enumerate(entries)]
+    with open(os.path.join(folder, "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(os.path.join(folder, "instances.json"), "w") as f:
+        json.dump({"annotations": [{"id": first_ann_id + i, "bbox": e["bbox"]} for i, e in enumerate(entries)]}, f)
+    return str(folder)

@@ -5,11 +5,10 @@ and compared with the library call it stands for: `evaluate snli_ve`, `evaluate 
 --set: tests/integration/test_convert.py.)"""
 import json
 import os
-import pickle
 
 import pytest
 import torch
-from helpers import shapes_set, tiny_albef
+from helpers import shapes_set, tiny_albef, write_refer_folder
 
 from albef_ds.checkpoint.files import save_albef_ds
 from albef_ds.checkpoint.layout import layout_of
@@ -100,15 +99,9 @@ def test_evaluate_grounding_in_itc_mode_with_a_refer_folder(tiny, grounding_corp
     entries = json.load(open(grounding_corpus["test"]))
     (tmp_path / "bare.json").write_text(json.dumps([{"image": e["image"], "text": e["text"], "ref_id": e["ref_id"]}
                                                     for e in entries]))
-    refer = tmp_path / "refcoco+"
-    refer.mkdir()
-    refs = [{"ref_id": e["ref_id"], "ann_id": 500 + i, "image_id": e["image_id"], "split": e["split"],
-             "sentences": [{"sent": e["text"]}]} for i, e in enumerate(entries)]
-    (refer / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    (refer / "instances.json").write_text(json.dumps({"annotations": [{"id": 500 + i, "bbox": e["bbox"]}
-                                                                      for i, e in enumerate(entries)]}))
+    refer = write_refer_folder(tmp_path / "refcoco+", entries, 500)
     out = tmp_path / "eval"
-    assert evaluate_main(["grounding", "--checkpoint", path, "--data", str(tmp_path / "bare.json"), "--refer", str(refer),
+    assert evaluate_main(["grounding", "--checkpoint", path, "--data", str(tmp_path / "bare.json"), "--refer", refer,
                           "--dets", grounding_corpus["dets"], "--image_root", grounding_corpus["image_root"],
                           "--output_dir", str(out), "--mode", "itc", "--batch_size", "5"]) == 0
     metrics = metrics_of(out)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import tiny_albef
+from helpers import tiny_albef, write_refer_folder
 
 import albef_ds
 from albef_ds.config import ConfigError
@@ -182,12 +182,7 @@ def test_read_grounding_set_counts_and_names_bad_input(grounding_corpus, tmp_pat
         read_grounding_set(str(tmp_path / "bare.json"), grounding_corpus["dets"], grounding_corpus["image_root"])
     # ... with one (refs(unc).p and instances.json), the boxes and splits come from it
     refer = tmp_path / "refcoco+"
-    refer.mkdir()
-    refs = [{"ref_id": e["ref_id"], "ann_id": 1000 + i, "image_id": e["image_id"], "split": e["split"],
-             "sentences": [{"sent": e["text"]}]} for i, e in enumerate(entries)]
-    (refer / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    (refer / "instances.json").write_text(json.dumps({"annotations": [{"id": 1000 + i, "bbox": e["bbox"]}
-                                                                      for i, e in enumerate(entries)]}))
+    write_refer_folder(refer, entries, 1000)
     via_refer = read_grounding_set(str(tmp_path / "bare.json"), grounding_corpus["dets"], grounding_corpus["image_root"], str(refer))
     assert via_refer.expressions == read_grounding_set(grounding_corpus["test"], grounding_corpus["dets"], grounding_corpus["image_root"]).expressions
     # a pickle that asks for code is refused

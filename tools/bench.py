@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import resource
 import time
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as tdist
 
 from albef_ds import distributed as dist
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import apply_overrides, load_config
 from albef_ds.distributed import traffic
 from albef_ds.engine import Trainer
@@ -38,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description="ALBEF-DS training benchmark")
+    ap = ArgumentParser(description="ALBEF-DS training benchmark")
     ap.add_argument("--config", default="base")
     ap.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--batch", type=int, default=4, help="micro batch per rank")
@@ -311,4 +313,7 @@ def print_table(results) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except INPUT_ERRORS as exc:          # a bad option, config or file: one line, exit 2
+        sys.exit(report_input_error(exc))

@@ -28,6 +28,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import platform
 import random
 import resource
@@ -43,6 +44,7 @@ import torchvision.transforms.v2.functional as F
 import transforms_reference as reference
 from torchvision.transforms import InterpolationMode
 
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import DataConfig
 from albef_ds.data import CaptionCodec, EvalTransform, ShardStream, TrainTransform
 from albef_ds.data import transforms as today
@@ -248,7 +250,7 @@ def photo_corpus(folder: str, layout: str, count: int) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=2000, help="distinct JPEGs per layout")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1,
@@ -308,4 +310,7 @@ def summarise(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except INPUT_ERRORS as exc:          # a bad option, config or file: one line, exit 2
+        sys.exit(report_input_error(exc))

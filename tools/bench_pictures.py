@@ -7,7 +7,6 @@ them). Prints one JSON line per task: seconds per evaluation (median of --repeat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -16,6 +15,7 @@ import tempfile
 import time
 
 from albef_ds import build_model, load_model
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import SyntheticConfig, load_config
 from albef_ds.synthetic.grounding import write_grounding_corpus
 from albef_ds.synthetic.nlvr import write_nlvr_shapes
@@ -67,7 +67,7 @@ def measure(name: str, folder: str, count: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="the cost of an evaluation's TensorBoard pictures, per task")
+    ap = ArgumentParser(description="the cost of an evaluation's TensorBoard pictures, per task")
     ap.add_argument("--count", type=int, default=4, help="pictures per evaluation (eval.pictures)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -82,4 +82,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except INPUT_ERRORS as exc:          # a bad option, config or file: one line, exit 2
+        sys.exit(report_input_error(exc))

@@ -20,15 +20,16 @@ Prints a table, writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import random
 import time
 
 import numpy as np
 import torch
 
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import SyntheticConfig
 from albef_ds.index import main as index_main
 from albef_ds.search import ann
@@ -41,7 +42,7 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "tin
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="search latency and compressed-index recall")
+    ap = ArgumentParser(description="search latency and compressed-index recall")
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=5)
@@ -165,4 +166,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except INPUT_ERRORS as exc:          # a bad option, config or file: one line, exit 2
+        sys.exit(report_input_error(exc))

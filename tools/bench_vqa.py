@@ -19,12 +19,13 @@ Prints a table, writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
 import torch
 
+from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import load_config
 from albef_ds.tasks import objectives
 from albef_ds.tasks.base import StepContext
@@ -32,7 +33,7 @@ from albef_ds.tasks.vqa import VQATrainingModel
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="VQA decoder and answer-ranking benchmark")
+    ap = ArgumentParser(description="VQA decoder and answer-ranking benchmark")
     ap.add_argument("--config", default="vqa")
     ap.add_argument("--batch", type=int, default=32, help="questions per batch")
     ap.add_argument("--answers", type=int, default=3, help="answers per question in training")
@@ -148,4 +149,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except INPUT_ERRORS as exc:          # a bad option, config or file: one line, exit 2
+        sys.exit(report_input_error(exc))

@@ -1,9 +1,10 @@
-"""The data tools' command lines, run as processes, as a user runs them."""
+"""The data tools' and the benchmarks' command lines, run as processes, as a user runs them."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import annotation_dataset
 
 from albef_ds.tokenizer import build_tokenizer
@@ -34,3 +35,15 @@ def test_bench_pictures_cli():
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]   # beside the loading notes
     assert [(r["task"], r["pictures"]) for r in rows] == [("grounding", 1), ("snli_ve", 1)]
     assert all(r["seconds_per_evaluation"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script,args,said", [
+    ("bench.py", ["--config", "nosuch", "--stage", "0"], "config 'nosuch' is neither a file nor a shipped config"),
+    ("bench_vqa.py", ["--config", "nosuch"], "config 'nosuch' is neither a file nor a shipped config"),
+    ("bench_data.py", ["--photos", "many"], "argument --photos: invalid int value: 'many'"),
+    ("bench_search.py", ["--queries", "many"], "argument --queries: invalid int value: 'many'"),
+    ("bench_pictures.py", ["--count", "many"], "argument --count: invalid int value: 'many'")])
+def test_the_benchmarks_say_a_mistake_in_one_line(script, args, said):
+    run = subprocess.run([sys.executable, f"tools/{script}", *args], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == "", (run.stdout, run.stderr)
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and said in run.stderr, run.stderr

@@ -50,7 +50,7 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
-# Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): about a minute.
+# Unit tests only (tests/unit: no ranks, launchers, cluster or training runs).
 test-fast: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile tests/unit
 

@@ -14,8 +14,9 @@ numbers they print), by the doc's reader below.
         mean, min, max and spread (max - min). A run whose folder holds its numbers already is not
         run again.
 
-tests/learning/test_grounding_learning.py and test_classification_learning.py run the first form
-and compare the numbers with the doc's tables.
+tests/learning/test_grounding_learning.py, test_classification_learning.py and test_vqa_learning.py
+run the first form and compare the numbers with the doc's tables. The pretraining proof
+(tests/learning/test_learning.py, docs/retrieval.md) still trains in-process.
 """
 from __future__ import annotations
 
@@ -180,7 +181,16 @@ def classification_numbers(out: str) -> dict:
     return rows
 
 
-READERS = {"grounding.md": grounding_numbers, "classification.md": classification_numbers}
+def vqa_numbers(out: str) -> dict:
+    rows = {}
+    for run, label in (("vqa_run", "fine-tuned"), ("vqa_run_shuffled", "images shuffled (prior)")):
+        m = read_json(out, f"{run}_eval", "metrics.json")
+        rows[label] = {"overall": m["acc"], **m["per_question_type"]}
+    return rows
+
+
+READERS = {"grounding.md": grounding_numbers, "classification.md": classification_numbers,
+           "vqa.md": vqa_numbers}
 
 
 # ---- comparing --------------------------------------------------------------------------------
@@ -222,7 +232,7 @@ def spread(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md or docs/classification.md")
+    ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md, docs/classification.md or docs/vqa.md")
     ap.add_argument("--out", required=True, help="where output/ goes (a folder per run with --seeds / --threads)")
     ap.add_argument("--seeds", type=int, nargs="+", help="train.seed of each run (42: the doc's commands)")
     ap.add_argument("--threads", type=int, nargs="+", help="OMP_NUM_THREADS of each run")

@@ -1,7 +1,7 @@
 """Documented options of the command lines, each run through its command's main() in this process
 and compared with the library call it stands for: `evaluate snli_ve`, `evaluate retrieval
 --add_sim`, `evaluate grounding --mode itc --refer`, `visualize --mode itc --device cpu`.
-(--trust_checkpoint and model.trust_init_checkpoint: test_safe_loading.py; convert_checkpoint.py
+(--trust_checkpoint and model.trust_init_checkpoint, refused and opted into: test_safe_loading.py; convert_checkpoint.py
 --set: tests/integration/test_convert.py.)"""
 import json
 import os

@@ -61,6 +61,59 @@ def test_the_command_lines_refuse_it_too(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
+def test_the_opt_in_loads_it_through_every_entry_point(tmp_path):
+    """--trust_checkpoint (convert_checkpoint.py, `evaluate`) and model.trust_init_checkpoint=true
+    load the crafted file (its trap fires each time: the opt-in really unpickles it) and give the
+    file's weights: the converted file holds them, the evaluation is that of the model they make, and
+    the initialised model carries them."""
+    import importlib.util
+    import json
+
+    from helpers import shapes_set
+
+    from albef_ds.eval.retrieval import evaluate_retrieval
+    from albef_ds.evaluate import main as evaluate_main
+    from albef_ds.tokenizer import build_tokenizer
+
+    path, marker = crafted(tmp_path)
+    want = torch.load(path, weights_only=False)["model"]
+    marker.unlink()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(root, "tools", "convert_checkpoint.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    converted = tmp_path / "converted.pt"
+    assert cli.main(["--input", path, "--output", str(converted), "--config", "tiny", "--trust_checkpoint"]) == 0
+    assert marker.exists()
+    model = albef_ds.load_model(str(converted)).eval()       # our file: loads without the flag
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in got)
+    assert torch.equal(got["visual_encoder.pos_embed"], want["visual_encoder.pos_embed"])
+
+    marker.unlink()
+    data = shapes_set(6)
+    for i, png in enumerate(data.images):
+        (tmp_path / f"{i}.png").write_bytes(png)
+    (tmp_path / "test.json").write_text(json.dumps([{"image": f"{i}.png", "caption": c}
+                                                    for i, c in enumerate(data.captions)]))
+    out = tmp_path / "eval"
+    assert evaluate_main(["retrieval", "--checkpoint", path, "--config", "tiny", "--data", str(tmp_path / "test.json"),
+                          "--image_root", str(tmp_path), "--output_dir", str(out), "--k_test", "4",
+                          "--batch_size", "8", "--trust_checkpoint"]) == 0
+    assert marker.exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference = evaluate_retrieval(model, data, build_tokenizer(model.cfg.text.tokenizer), 64, 30, k_test=4,
+                                   batch_size=8)
+    assert {k: metrics[k] for k in reference} == json.loads(json.dumps(reference))
+
+    marker.unlink()
+    initialised = albef_ds.build_model(load_config("tiny", [f"model.init_checkpoint={path}",
+                                                            "model.trust_init_checkpoint=true"]))
+    assert marker.exists()
+    assert torch.equal(initialised.state_dict()["visual_encoder.pos_embed"], want["visual_encoder.pos_embed"])
+    assert torch.equal(initialised.state_dict()["temp"], want["temp"])
+
+
 def test_a_released_file_with_its_usual_contents_loads_without_the_flag(tmp_path):
     """What the official Pretrain.py / Retrieval.py save: the model's state dict, the optimizer's
     and the lr scheduler's state dicts, the config dict and the epoch."""

@@ -6,9 +6,12 @@ import inspect
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import BertTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import BertTokenizerFast
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -25,12 +28,16 @@ def clean_caption(caption: str, max_words: int = 30) -> str:
     return " ".join(words[:max_words])
 
 
-def build_tokenizer(name_or_path: str) -> BertTokenizerFast:
+def build_tokenizer(name_or_path: str) -> "BertTokenizerFast":
     """A BERT tokenizer from a hub name (`bert-base-uncased`), a local folder, or a vocab file.
 
     A bare file name is looked up in the package's configs folder first, so configs can name the
     shipped tiny vocabulary portably.
     """
+    # imported here: transformers takes most of a second to import, which every command would
+    # otherwise pay before it can check its arguments (a mistake is reported before any work)
+    from transformers import BertTokenizerFast
+
     shipped = CONFIG_DIR / name_or_path
     if not os.path.isabs(name_or_path) and shipped.is_file():
         name_or_path = str(shipped)
@@ -43,7 +50,7 @@ def build_tokenizer(name_or_path: str) -> BertTokenizerFast:
     return BertTokenizerFast.from_pretrained(name_or_path)
 
 
-def tokenize(tokenizer: BertTokenizerFast, captions: list[str], max_length: int):
+def tokenize(tokenizer: "BertTokenizerFast", captions: list[str], max_length: int):
     """(input_ids, attention_mask) [N, max_length]: `[CLS] w1 ... wn` and padding, with NO trailing
     `[SEP]`, as ALBEF's tokenizer writes a single sentence (text that needs one, a VQA answer,
     carries "[SEP]" itself). Every batch is padded to `max_length` so that text tensors have one

@@ -15,13 +15,14 @@ run whose folder holds a finished run is read, not trained again. train.seed 42 
 own. Prints dev / test accuracy after the last epoch per seed, the pre-step's gain, and their mean
 and spread (max - min); writes <out>/nlvr_ta_comparison.json.
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 
+from albef_ds.cli import ArgumentParser, report_input_error
+from albef_ds.config import ConfigError
 from albef_ds.fileio import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,11 +49,13 @@ def train(script: str, config: str, out_dir: str, overrides: list, threads) -> d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="output/nlvr_ta_comparison")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1])
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: the environment's)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        return report_input_error(ConfigError(f"--threads must be at least 1, got {args.threads}"))
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_shapes_tasks import training_overrides, write_shapes_tasks
 

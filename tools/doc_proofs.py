@@ -30,6 +30,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from albef_ds.cli import ArgumentParser, report_input_error  # noqa: E402
+from albef_ds.config import ConfigError  # noqa: E402
+
 COMMANDS_MARK, NUMBERS_MARK = "<!-- proof: commands -->", "<!-- proof: numbers -->"
 DEFAULT_SEED = 42                  # train.seed of the shipped configs
 TRAINING = re.compile(r"albef_ds/(train|demo)\.py")
@@ -189,7 +194,15 @@ def vqa_numbers(out: str) -> dict:
     return rows
 
 
-READERS = {"grounding.md": grounding_numbers, "classification.md": classification_numbers,
+def retrieval_numbers(out: str) -> dict:
+    m = read_json(out, "pretrain_scratch", "heldout_eval.json")
+    return {"pretrained from scratch": {
+        "text -> image R@1": m["img_r1"], "image -> text R@1": m["txt_r1"], "ITM accuracy": m["itm_acc"],
+        "masked colour word": m["mlm_colour_acc"], "masked colour word, images shuffled": m["mlm_colour_acc_shuffled"],
+        "masked shape word": m["mlm_shape_acc"], "masked shape word, images shuffled": m["mlm_shape_acc_shuffled"]}}
+
+
+READERS = {"retrieval.md": retrieval_numbers, "grounding.md": grounding_numbers, "classification.md": classification_numbers,
            "vqa.md": vqa_numbers}
 
 
@@ -231,7 +244,7 @@ def spread(runs: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md, docs/classification.md or docs/vqa.md")
     ap.add_argument("--out", required=True, help="where output/ goes (a folder per run with --seeds / --threads)")
     ap.add_argument("--seeds", type=int, nargs="+", help="train.seed of each run (42: the doc's commands)")
@@ -239,9 +252,16 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", metavar="THREADS:SEED", help="the runs one by one instead of every "
                     "seed at every thread count: 2:42 2:0 2:1 1:42")
     args = ap.parse_args(argv)
-    if os.path.basename(args.doc) not in READERS:
-        print(f"error: no proof reader for {args.doc} (one of {', '.join(READERS)})", file=sys.stderr)
-        return 2
+    try:
+        if os.path.basename(args.doc) not in READERS:
+            raise ConfigError(f"no proof reader for {args.doc} (one of {', '.join(READERS)})")
+        if not os.path.isfile(args.doc):
+            raise ConfigError(f"{args.doc}: no such file")
+        for value in args.runs or []:
+            if not re.fullmatch(r"[1-9]\d*:\d+", value):
+                raise ConfigError(f"--runs {value}: expected THREADS:SEED, for example 2:42")
+    except ConfigError as exc:
+        return report_input_error(exc)
     if args.runs:
         pairs = [tuple(int(v) for v in r.split(":")) for r in args.runs]
     else:

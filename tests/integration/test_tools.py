@@ -42,8 +42,13 @@ def test_bench_pictures_cli():
     ("bench_vqa.py", ["--config", "nosuch"], "config 'nosuch' is neither a file nor a shipped config"),
     ("bench_data.py", ["--photos", "many"], "argument --photos: invalid int value: 'many'"),
     ("bench_search.py", ["--queries", "many"], "argument --queries: invalid int value: 'many'"),
-    ("bench_pictures.py", ["--count", "many"], "argument --count: invalid int value: 'many'")])
-def test_the_benchmarks_say_a_mistake_in_one_line(script, args, said):
+    ("bench_pictures.py", ["--count", "many"], "argument --count: invalid int value: 'many'"),
+    ("bench_startup.py", ["--runs", "0"], "--runs must be at least 1, got 0"),
+    ("bench_startup.py", ["--trees", "docs"], "holds no albef_ds/evaluate.py"),
+    ("doc_proofs.py", ["docs/vqa.md", "--out", "output/never", "--runs", "2-42"], "--runs 2-42: expected THREADS:SEED"),
+    ("doc_proofs.py", ["docs/data.md", "--out", "output/never"], "no proof reader for docs/data.md"),
+    ("compare_nlvr_ta.py", ["--out", "output/never", "--threads", "0"], "--threads must be at least 1, got 0")])
+def test_the_benchmarks_and_proof_tools_say_a_mistake_in_one_line(script, args, said):
     run = subprocess.run([sys.executable, f"tools/{script}", *args], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stdout == "", (run.stdout, run.stderr)
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and said in run.stderr, run.stderr

@@ -14,9 +14,9 @@ numbers they print), by the doc's reader below.
         mean, min, max and spread (max - min). A run whose folder holds its numbers already is not
         run again.
 
-tests/learning/test_grounding_learning.py, test_classification_learning.py and test_vqa_learning.py
-run the first form and compare the numbers with the doc's tables. The pretraining proof
-(tests/learning/test_learning.py, docs/retrieval.md) still trains in-process.
+The proofs of learning (tests/learning/: test_learning.py for docs/retrieval.md's pretraining,
+test_grounding_learning.py, test_classification_learning.py, test_vqa_learning.py) run the first
+form and compare the numbers with the doc's tables.
 """
 from __future__ import annotations
 

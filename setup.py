@@ -13,6 +13,7 @@ setup(
         "deepspeed>=0.16",
         "timm>=1.0",
         "transformers>=4.45",
+        "tokenizers>=0.20",          # the tokenizer (albef_ds/tokenizer.py), without transformers' import
         "webdataset>=0.2.90",
         "mpi4py>=4.0",
         "mpich>=4.2",

@@ -52,9 +52,8 @@ def answer_weights(entry: dict) -> tuple[list[str], list[float]]:
 def answer_tokens(tokenizer, answers: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) [N, longest]: `[CLS] answer [SEP]` per answer, padded to the longest (the
     decoder learns to end an answer with [SEP]); at most `max_length` tokens."""
-    pieces = tokenizer(list(answers), add_special_tokens=False, truncation=True,
-                       max_length=max_length - 2)["input_ids"]
-    rows = [[tokenizer.cls_token_id, *p, tokenizer.sep_token_id] for p in pieces]
+    pieces = tokenizer.encode(answers, max_length - 2)
+    rows = [[tokenizer.cls_token_id, *p.ids, tokenizer.sep_token_id] for p in pieces]
     longest = max(map(len, rows))
     ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)

@@ -65,12 +65,11 @@ def _cleaned(text: str, cleaned: str, what: str = "text") -> str:
 def word_positions(tokenizer, cleaned: str, max_tokens: int) -> tuple[list[str], list[list[int]]]:
     """(the words of a cleaned text, each word's positions in its `[CLS] words` tokens), the words
     cut where the tokens are (max_tokens, [CLS] included)."""
-    pieces = tokenizer(cleaned, add_special_tokens=False, truncation=True, max_length=max_tokens - 1,
-                       return_offsets_mapping=True)
+    pieces = tokenizer.encode([cleaned], max_tokens - 1)[0]
     positions: dict[int, list[int]] = {}
-    for position, word in enumerate(pieces.word_ids(), start=1):        # position 0 is [CLS]
+    for position, word in enumerate(pieces.word_ids, start=1):        # position 0 is [CLS]
         positions.setdefault(word, []).append(position)
-    offsets = pieces["offset_mapping"]
+    offsets = pieces.offsets
     words = [cleaned[offsets[p[0] - 1][0]:offsets[p[-1] - 1][1]] for p in positions.values()]
     return words, list(positions.values())
 

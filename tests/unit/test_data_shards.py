@@ -25,7 +25,7 @@ def read_all(corpora, batch_size=4, workers=0, **data):
 
 
 def words(ids) -> str:
-    return TOKENIZER.decode(ids, skip_special_tokens=True)
+    return TOKENIZER.decode(ids)
 
 
 def test_write_read_round_trip(tmp_path):

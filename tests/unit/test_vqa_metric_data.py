@@ -91,7 +91,7 @@ def test_answer_tokens_end_with_sep_and_pad_to_the_longest():
     ids, mask = answer_tokens(TOKENIZER, ["red", "yes", "two red"], 64)
     cls, sep = TOKENIZER.cls_token_id, TOKENIZER.sep_token_id
     assert ids.shape == (3, 5)                      # "yes" is y ##e ##s
-    assert ids[0].tolist() == [cls, TOKENIZER.convert_tokens_to_ids("red"), sep, 0, 0]
+    assert ids[0].tolist() == [cls, TOKENIZER.convert_tokens_to_ids(["red"])[0], sep, 0, 0]
     assert mask.sum(1).tolist() == [3, 5, 4] and (ids[mask.bool()] != 0).all()
     assert ids[2, 3].item() == sep
 
@@ -194,7 +194,7 @@ def test_generated_corpus_is_in_albefs_format(tmp_path):
     assert min(counts) >= 8 and any(c < 10 for c in counts)
     assert len({e["question_id"] for e in train}) == len(train)
     # no word outside the tiny vocabulary is needed as a whole: every question tokenizes
-    assert all(TOKENIZER.unk_token_id not in TOKENIZER(q)["input_ids"] for q in heldout.questions)
+    assert all(TOKENIZER.unk_token_id not in e.ids for e in TOKENIZER.encode(heldout.questions))
     shuffled = json.loads(open(shuffle_images(paths["train"], str(tmp_path / "shuffled.json"))).read())
     assert [e["question"] for e in shuffled] == [e["question"] for e in train]
     assert sorted(e["image"] for e in shuffled) == sorted(e["image"] for e in train)

@@ -24,7 +24,7 @@ CLS, SEP = TOKENIZER.cls_token_id, TOKENIZER.sep_token_id
 
 
 def word_ids(text):
-    return TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    return TOKENIZER.encode([text])[0].ids
 
 
 def states_of(encoders, image, question):

@@ -63,7 +63,9 @@ def test_the_shipped_pretrained_checkpoint_fits_the_tiny_model_and_has_learned(t
     out = evaluate_retrieval(model, data, build_tokenizer(tiny.model.text.tokenizer), tiny.model.vision.img_size,
                              tiny.data.max_tokens, k_test=16, split_ranks=False)
     print({k: round(out[k], 2) for k in ("img_r1", "txt_r1", "r_mean")})
-    assert out["img_r1"] >= 10 * 100 / 64, out
+    # measured 45.31% (29 of 64; `pytest tests/learning/test_learning.py -k shipped -s`, 2026-12-06): a
+    # fixed file, so only another CPU's rounding moves it; the bar allows three images less
+    assert out["img_r1"] >= 100 * 26 / 64, out
 
 
 def test_the_positions_checkpoint_reads_where_things_are(tiny_pretrained, tiny_pretrained_positions, tmp_path):
@@ -90,7 +92,9 @@ def test_the_positions_checkpoint_reads_where_things_are(tiny_pretrained, tiny_p
              for name, path in (("positions", tiny_pretrained_positions), ("former", tiny_pretrained))}
     print(probe)
     position = probe["positions"]["position"]
-    assert position["image"] >= 60.0 and position["image"] >= 2 * position["other_image"], probe
+    # measured 94.5% with the image, 27.3% with another (`pytest tests/learning/test_learning.py -k
+    # positions -s`, 2026-12-06): a fixed file; the bar allows five of the 128 captions less
+    assert position["image"] >= 90.0 and position["image"] >= 2 * position["other_image"], probe
     former = probe["former"]["position"]
     assert abs(former["image"] - former["other_image"]) <= 10.0, probe
     for checkpoint in probe.values():       # both name the colour from the image

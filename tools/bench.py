@@ -20,8 +20,8 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import resource
+import sys
 import time
 
 import torch

@@ -28,10 +28,10 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import platform
 import random
 import resource
+import sys
 import statistics
 import subprocess
 import tempfile

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import random
+import sys
 import time
 
 import numpy as np

@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from albef_ds.cli import ArgumentParser, report_input_error  # noqa: E402
+from albef_ds.cli import ArgumentParser, check_at_least, report_input_error  # noqa: E402
 from albef_ds.config import ConfigError  # noqa: E402
 
 CHECKPOINT = os.path.join(ROOT, "tests", "data", "tiny_pretrained.safetensors")
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
         for tree in trees:
             if not os.path.isfile(os.path.join(tree, "albef_ds", "evaluate.py")):
                 raise ConfigError(f"--trees: {tree} holds no albef_ds/evaluate.py")
-        if args.runs < 1:
-            raise ConfigError(f"--runs must be at least 1, got {args.runs}")
+        check_at_least({"--runs": args.runs}, 1)
     except ConfigError as exc:
         return report_input_error(exc)
     seen = {tree: {} for tree in trees}

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 
-from albef_ds.cli import ArgumentParser, report_input_error
+from albef_ds.cli import ArgumentParser, check_at_least, report_input_error
 from albef_ds.config import ConfigError
 from albef_ds.fileio import atomic_write
 
@@ -54,8 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1])
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: the environment's)")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        return report_input_error(ConfigError(f"--threads must be at least 1, got {args.threads}"))
+    try:
+        check_at_least({"--threads": args.threads}, 1)
+    except ConfigError as exc:
+        return report_input_error(exc)
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_shapes_tasks import training_overrides, write_shapes_tasks
 

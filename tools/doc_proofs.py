@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from albef_ds.cli import ArgumentParser, report_input_error  # noqa: E402
+from albef_ds.cli import ArgumentParser, check_at_least, check_writable_folder, report_input_error  # noqa: E402
 from albef_ds.config import ConfigError  # noqa: E402
 
 COMMANDS_MARK, NUMBERS_MARK = "<!-- proof: commands -->", "<!-- proof: numbers -->"
@@ -245,7 +245,7 @@ def spread(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("doc", help="a doc with a proof reader: docs/grounding.md, docs/classification.md or docs/vqa.md")
+    ap.add_argument("doc", help="a doc with a proof reader: " + ", ".join(f"docs/{name}" for name in READERS))
     ap.add_argument("--out", required=True, help="where output/ goes (a folder per run with --seeds / --threads)")
     ap.add_argument("--seeds", type=int, nargs="+", help="train.seed of each run (42: the doc's commands)")
     ap.add_argument("--threads", type=int, nargs="+", help="OMP_NUM_THREADS of each run")
@@ -260,6 +260,9 @@ def main(argv=None) -> int:
         for value in args.runs or []:
             if not re.fullmatch(r"[1-9]\d*:\d+", value):
                 raise ConfigError(f"--runs {value}: expected THREADS:SEED, for example 2:42")
+        for threads in args.threads or []:
+            check_at_least({"--threads": threads}, 1)
+        check_writable_folder(args.out, "--out")
     except ConfigError as exc:
         return report_input_error(exc)
     if args.runs:

@@ -27,6 +27,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from albef_ds.cli import ArgumentParser, check_at_least, check_writable_folder, report_input_error
+from albef_ds.config import ConfigError
+
 # scikit-image's colour photographs (files in skimage/data) and a caption word for each.
 SOURCES = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
            "rocket.jpg": "a rocket on its launch pad", "motorcycle_left.png": "a motorcycle",
@@ -96,15 +99,18 @@ def write_photo_shards(out_dir: str, count: int, layout: str, per_shard: int = 5
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--count", type=int, default=2000, help="JPEGs in all")
     parser.add_argument("--layout", choices=LAYOUTS, default="img2dataset")
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.count < 1 or args.per_shard < 1:
-        parser.error("--count and --per-shard must be at least 1")
+    try:
+        check_at_least({"--count": args.count, "--per-shard": args.per_shard}, 1)
+        check_writable_folder(args.out, "--out")
+    except ConfigError as exc:
+        return report_input_error(exc)
     print(json.dumps(write_photo_shards(args.out, args.count, args.layout, args.per_shard, args.seed), indent=1))
     return 0
 

@@ -16,7 +16,8 @@ import os
 import sys
 
 from albef_ds import distributed as dist
-from albef_ds.config import load_config
+from albef_ds.cli import ArgumentParser, check_writable_file, check_writable_folder, report_input_error
+from albef_ds.config import ConfigError, load_config
 from albef_ds.engine import Trainer
 from albef_ds.synthetic.shapes import with_generated_corpus
 
@@ -46,11 +47,16 @@ def record(name: str, work_dir: str) -> list:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work_dir", required=True, help="folder for the runs' outputs (the same on every rank)")
     ap.add_argument("--output", required=True, help="JSON file to write (rank 0)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:                        # before any rank starts: a bad path is one line, not a run's traceback
+        check_writable_folder(args.work_dir, "--work_dir")
+        check_writable_file(args.output, "--output")
+    except ConfigError as exc:
+        return report_input_error(exc)
     started = dist.init_distributed()
     try:
         results = {name: record(name, args.work_dir) for name in RUNS}

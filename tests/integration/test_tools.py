@@ -43,11 +43,17 @@ def test_bench_pictures_cli():
     ("bench_data.py", ["--photos", "many"], "argument --photos: invalid int value: 'many'"),
     ("bench_search.py", ["--queries", "many"], "argument --queries: invalid int value: 'many'"),
     ("bench_pictures.py", ["--count", "many"], "argument --count: invalid int value: 'many'"),
-    ("bench_startup.py", ["--runs", "0"], "--runs must be at least 1, got 0"),
+    ("bench_startup.py", ["--runs", "0"], "--runs is 0: it must be at least 1"),
     ("bench_startup.py", ["--trees", "docs"], "holds no albef_ds/evaluate.py"),
     ("doc_proofs.py", ["docs/vqa.md", "--out", "output/never", "--runs", "2-42"], "--runs 2-42: expected THREADS:SEED"),
     ("doc_proofs.py", ["docs/data.md", "--out", "output/never"], "no proof reader for docs/data.md"),
-    ("compare_nlvr_ta.py", ["--out", "output/never", "--threads", "0"], "--threads must be at least 1, got 0")])
+    ("compare_nlvr_ta.py", ["--out", "output/never", "--threads", "0"], "--threads is 0: it must be at least 1"),
+    ("doc_proofs.py", ["docs/vqa.md", "--out", "output/never", "--threads", "0"], "--threads is 0: it must be at least 1"),
+    ("doc_proofs.py", ["docs/vqa.md", "--out", "README.md/runs"], "is a file, not a folder"),
+    ("make_photo_shards.py", ["--out", "output/never", "--count", "0"], "--count is 0: it must be at least 1"),
+    ("make_photo_shards.py", ["--out", "README.md/photos"], "is a file, not a folder"),
+    ("record_trajectories.py", ["--work_dir", "output/never", "--output", "docs"], "is a folder, not a file name"),
+    ("record_trajectories.py", ["--work_dir", "README.md/runs", "--output", "output/never.json"], "is a file, not a folder")])
 def test_the_benchmarks_and_proof_tools_say_a_mistake_in_one_line(script, args, said):
     run = subprocess.run([sys.executable, f"tools/{script}", *args], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stdout == "", (run.stdout, run.stderr)

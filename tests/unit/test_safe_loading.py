@@ -1,11 +1,11 @@
 """Checkpoints come from the internet: files are unpickled weights-only. A file that would run code
 when unpickled is refused, naming the file and the opt-in flag, and runs nothing; a released
 ALBEF file with its usual contents (the official scripts' save_obj) loads without the flag."""
-import os
 import pathlib
 
 import pytest
 import torch
+from helpers import tool
 
 import albef_ds
 from albef_ds.checkpoint.files import read_checkpoint
@@ -48,13 +48,8 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_the_command_lines_refuse_it_too(tmp_path, capsys):
-    import importlib.util
-
     path, marker = crafted(tmp_path)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(root, "tools", "convert_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = tool("convert_checkpoint")
     assert cli.main(["--input", path, "--output", str(tmp_path / "out.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and path in err and "--trust_checkpoint" in err
@@ -66,7 +61,6 @@ def test_the_opt_in_loads_it_through_every_entry_point(tmp_path):
     load the crafted file (its trap fires each time: the opt-in really unpickles it) and give the
     file's weights: the converted file holds them, the evaluation is that of the model they make, and
     the initialised model carries them."""
-    import importlib.util
     import json
 
     from helpers import shapes_set
@@ -78,10 +72,7 @@ def test_the_opt_in_loads_it_through_every_entry_point(tmp_path):
     path, marker = crafted(tmp_path)
     want = torch.load(path, weights_only=False)["model"]
     marker.unlink()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(root, "tools", "convert_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = tool("convert_checkpoint")
     converted = tmp_path / "converted.pt"
     assert cli.main(["--input", path, "--output", str(converted), "--config", "tiny", "--trust_checkpoint"]) == 0
     assert marker.exists()

@@ -19,6 +19,11 @@ $(STAMP): setup.py
 	if [ "$$free" -lt $(NEED_GB) ]; then \
 		echo "make: $(CURDIR) has $$free GB free; installing into $(VENV) needs $(NEED_GB) GB" >&2; exit 1; \
 	fi
+	@# libjpeg-turbo's headers, for the JPEG region decoder (albef_ds/data/_jpeg.c), installed when
+	@# missing (as root, Debian); without them pip builds everything else and says why
+	@if [ ! -f /usr/include/jpeglib.h ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjpeg62-turbo-dev; \
+	fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"

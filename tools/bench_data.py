@@ -13,8 +13,10 @@ Writes --photos JPEGs per layout with tools/make_photo_shards.py (img2dataset's 
    same photos with the same draws: ms per sample, samples per CPU second, the ratio; and the
    difference of their pixels (mean absolute difference per sample, in levels of 255);
 2. the breakdown of the pretraining transform, stage by stage, for both paths (ms per sample;
-   per RandAugment op also ms per application), and the share of draws whose crop is at least
-   twice the output on both sides (where JPEG DCT scaling could decode at half size);
+   per RandAugment op also ms per application: the old path decodes the whole JPEG, then crops
+   and resizes; today's decodes only the crop's region, then resizes), and the share of draws
+   whose crop is at least twice the output on both sides (where JPEG DCT scaling could decode at
+   half size);
 3. the pretraining stream (tar reading, decode, augment, tokenize, collate, hand-over) with
    --workers worker processes on the img2dataset shards, each path in a fresh process, the paths
    alternating --stream-runs times (the median run is reported): the workers' CPU ms per sample,
@@ -48,7 +50,8 @@ from albef_ds.cli import INPUT_ERRORS, ArgumentParser, report_input_error
 from albef_ds.config import DataConfig
 from albef_ds.data import CaptionCodec, EvalTransform, ShardStream, TrainTransform
 from albef_ds.data import transforms as today
-from albef_ds.data.samples import decode_image, read_shard
+from albef_ds.data.images import open_image, region_decoder_built, region_pixels
+from albef_ds.data.samples import read_shard
 from albef_ds.tokenizer import build_tokenizer, clean_caption
 
 LAYOUTS = {"img2dataset": "img2dataset", "640x480": "640x480"}
@@ -84,7 +87,7 @@ def run_reference(transform, data, rng):
 
 
 def run_today(transform, data, rng):
-    return transform(decode_image(data), rng)
+    return transform(open_image(data), rng)
 
 
 def as_pixels(reference_output: torch.Tensor) -> torch.Tensor:
@@ -147,10 +150,10 @@ def reference_stages(clock, data, rng, img_size, crop):
 
 
 def today_stages(clock, data, rng, img_size, crop):
-    image = clock("decode", decode_image, data)
+    image = clock("decode", open_image, data)                    # a JPEG: its header
     top, left, h, w = today.random_resized_crop_box(rng, image.width, image.height, crop)
-    image = clock("crop_resize", lambda: today.resize(today.pixels(image.crop((left, top, left + w, top + h))),
-                                                      img_size))     # the crop copied into a tensor, resized
+    image = clock("decode", region_pixels, image, left, top, w, h)      # the crop's region, into a tensor
+    image = clock("resize", today.resize, image, img_size)
     if rng.random() < 0.5:
         image = clock("flip", F.horizontal_flip, image)
     ops = [rng.choice(today.RAND_AUGMENT_OPS) for _ in range(today.NUM_OPS)]
@@ -288,7 +291,7 @@ def main() -> None:
     result["stream_img2dataset_pretraining"] = {"workers": args.workers, "runs": args.stream_runs, **streams,
                                                 "all_runs": runs}
     result.update(machine=cpu_model(), cpus=os.cpu_count(), load_average_before=round(load, 2),
-                  torch=torch.__version__)
+                  torch=torch.__version__, jpeg_region_decoder=region_decoder_built())
     summarise(result)
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

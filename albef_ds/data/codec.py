@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import default_collate
 
 from ..tokenizer import clean_caption, tokenize
-from .samples import decode_image, sample_captions, sample_images
+from .images import CorruptImage, open_image
+from .samples import sample_captions, sample_images
 
 # Why samples are skipped, counted by every stream: a task adds its own in `skip_reasons`.
 SKIP_COUNTERS = ("corrupt_image", "missing_image", "empty_caption", "bad_text", "truncated_tar",
@@ -43,10 +44,13 @@ def decode_images(raw: dict, count: int, transform, rng: random.Random) -> Union
     if data is None:
         return "missing_image"
     try:
-        images = [decode_image(d) for d in data]
+        images = [open_image(d) for d in data]
     except Exception:                       # PIL raises many types on broken files
         return "corrupt_image"
-    return [transform(image, rng) for image in images]
+    try:
+        return [transform(image, rng) for image in images]
+    except CorruptImage:                    # a JPEG's data, decoded only now (its header was sound)
+        return "corrupt_image"
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:

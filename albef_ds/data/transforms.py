@@ -1,4 +1,5 @@
-"""Image transforms of the ALBEF pretraining recipe: decoded PIL images in, uint8 [3, H, W] tensors out.
+"""Image transforms of the ALBEF pretraining recipe: images (albef_ds.data.images: a JPEG decoded a
+region at a time, or a PIL image) in, uint8 [3, H, W] tensors out.
 
 Every random choice comes from a `random.Random` passed in per sample, so a sample's augmentation
 is a function of the stream's seed and its position, whichever process decodes it, and the global
@@ -7,8 +8,8 @@ in the training process).
 
 The images stay uint8 until they are on the device: the model's image encoder turns them into
 CLIP-normalised floats of its own dtype (albef_ds.models.vit.image_input), so the workers neither
-spend the time nor hand over four times the bytes. Once cropped (in PIL, so that only the crop
-is copied out), every step runs on uint8 tensors: the resize is torch's vectorised uint8 bicubic
+spend the time nor hand over four times the bytes. Only the crop is decoded (a JPEG) or copied
+out (a PIL image); from then on every step runs on uint8 tensors: the resize is torch's vectorised uint8 bicubic
 (antialiased, as PIL's), the geometric RandAugment ops PIL's bilinear affine transform written
 with grid_sample (a translation by whole pixels as a copy), sharpness as shifted sums, the other
 colour ops torchvision's tensor kernels. The draws are those of the PIL-based path this replaced
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from torchvision.transforms import InterpolationMode
+
+from .images import Decoded, all_pixels, region_pixels
 
 # ALBEF's RandAugment: 2 ops drawn with replacement from this list, each then applied with
 # probability 0.5, at magnitude 7 of 10.
@@ -41,18 +42,12 @@ ROTATE_DEGREES = LEVEL * 30                             # 21 degrees
 FILL = 128                                              # grey where geometric ops uncover
 
 
-def pixels(image: Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W] of an RGB PIL image: one copy (PIL's tobytes, laid out channels-last as PIL
-    holds it). The tensor is read-only memory: every op below makes a new tensor."""
-    with warnings.catch_warnings():          # torch warns, once, that the array is not writable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
-
-
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic, antialiased when shrinking (PIL's resize filter), to size x size; uint8 [3, s, s],
-    contiguous (the ops after it run several times slower on the channels-last layout)."""
-    return F.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True).contiguous()
+    contiguous (the ops after it run several times slower on the channels-last layout torch's
+    uint8 kernel returns; numpy's transposing copy is three times faster than torch's for uint8)."""
+    out = F.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return torch.from_numpy(np.ascontiguousarray(out.numpy()))
 
 
 def random_resized_crop_box(rng: random.Random, width: int, height: int,
@@ -188,11 +183,13 @@ class TrainTransform:
         self.img_size = img_size
         self.crop_scale = tuple(crop_scale) if crop_scale is not None else None
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, image: Decoded, rng: random.Random) -> torch.Tensor:
         if self.crop_scale is not None:
             top, left, h, w = random_resized_crop_box(rng, image.width, image.height, self.crop_scale)
-            image = image.crop((left, top, left + w, top + h))      # only the crop becomes a tensor
-        image = resize(pixels(image), self.img_size)
+            image = region_pixels(image, left, top, w, h)          # only the crop is decoded
+        else:
+            image = all_pixels(image)
+        image = resize(image, self.img_size)
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
         return rand_augment(image, rng)
@@ -204,8 +201,8 @@ class EvalTransform:
     def __init__(self, img_size: int):
         self.img_size = img_size
 
-    def __call__(self, image: Image.Image, rng: random.Random = None) -> torch.Tensor:
-        return resize(pixels(image), self.img_size)
+    def __call__(self, image: Decoded, rng: random.Random = None) -> torch.Tensor:
+        return resize(all_pixels(image), self.img_size)
 
 
 def build_transform(img_size: int, augment: bool, crop_scale=(0.2, 1.0)):

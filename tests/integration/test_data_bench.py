@@ -29,6 +29,7 @@ def test_bench_data_reports_every_quoted_figure_consistently(tmp_path):
     # the set-up the docs state: machine, cores, load before the run, torch, photo sizes
     assert isinstance(result["machine"], str) and result["machine"] and result["cpus"] == os.cpu_count()
     assert result["load_average_before"] >= 0 and result["torch"] == torch.__version__
+    assert result["jpeg_region_decoder"] is True           # the install built albef_ds/data/_jpeg.c
     assert result["img_size"] == IMG_SIZE and result["photos_per_layout"] == 6
     for layout in ("img2dataset", "640x480"):
         assert result["mean_jpeg_kb"][layout] > 0
@@ -41,12 +42,13 @@ def test_bench_data_reports_every_quoted_figure_consistently(tmp_path):
                 ms = r[f"{path}_ms"]       # rounded to 3 places: 1000 / ms moves by up to 0.5 / ms**2
                 assert r[f"{path}_per_cpu_s"] == pytest.approx(1000 / ms, abs=0.05 + 1.0 / ms ** 2)
             assert 0 <= r["pixel_mad_mean"] <= r["pixel_mad_max"] and r["pixel_mad_p99"] <= r["pixel_mad_max"]
-        # where the time goes: decode, crop + resize, flip, each RandAugment op, and the float32 +
-        # normalisation that only the old path does in the worker ("on the device" now)
+        # where the time goes: decode (today: only the crop's region), crop + resize (today: resize),
+        # flip, each RandAugment op, and the float32 + normalisation that only the old path does in
+        # the worker ("on the device" now)
         breakdown = result["breakdown"][layout]
-        for path in ("reference", "today"):
+        for path, resize in (("reference", "crop_resize"), ("today", "resize")):
             stages = breakdown[path]["ms_per_sample"]
-            assert stages["decode"] > 0 and stages["crop_resize"] > 0
+            assert stages["decode"] > 0 and stages[resize] > 0
             assert ("to_float_normalise" in stages) == (path == "reference"), (path, stages)
             assert breakdown[path]["total_ms"] == pytest.approx(sum(stages.values()), abs=0.001 * len(stages))
             ops = {name[3:] for name in stages if name.startswith("op_")}

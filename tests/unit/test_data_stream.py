@@ -111,8 +111,8 @@ def test_resume_skips_without_decoding_or_opening(tmp_path, monkeypatch):
     expected = take_keys(first, 1)
 
     decoded, opened = [], []
-    decode, read = codec.decode_image, shards.read_shard
-    monkeypatch.setattr(codec, "decode_image", lambda data: decoded.append(1) or decode(data))
+    decode, read = codec.open_image, shards.read_shard
+    monkeypatch.setattr(codec, "open_image", lambda data: decoded.append(1) or decode(data))
     monkeypatch.setattr(shards, "read_shard", lambda url: opened.append(url) or read(url))
     resumed = stream(corpus, **options)
     resumed.load_state_dict(state)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from albef_ds.data import transforms
+from albef_ds.data.images import pixels
 from albef_ds.data.transforms import (RAND_AUGMENT_OPS, EvalTransform, TrainTransform, apply_op, build_transform,
                                       random_resized_crop_box)
 from albef_ds.models.vit import CLIP_MEAN, CLIP_STD, image_input
@@ -55,17 +56,17 @@ def hwc(pixels: torch.Tensor) -> np.ndarray:
 
 def test_each_rand_augment_op():
     # Noise in 20..200, so that autocontrast and equalize have work to do.
-    image = transforms.pixels(Image.fromarray((20 + np.asarray(noise_image(256, 256)) * 0.7).astype(np.uint8)))
-    pixels = hwc(image).astype(int)
+    image = pixels(Image.fromarray((20 + np.asarray(noise_image(256, 256)) * 0.7).astype(np.uint8)))
+    values = hwc(image).astype(int)
     for op in RAND_AUGMENT_OPS:
         out = hwc(apply_op(image, op, 1.0)).astype(int)
-        assert out.shape == pixels.shape
-        assert (op == "identity") == np.array_equal(out, pixels), op
-    # ALBEF's magnitude 7: 7 pixels of translation at 256px, brightness x1.36, grey fill.
+        assert out.shape == values.shape
+        assert (op == "identity") == np.array_equal(out, values), op
+    # ALBEF's magnitude 7: 7 values of translation at 256px, brightness x1.36, grey fill.
     shifted = hwc(apply_op(image, "translate_x", 1.0)).astype(int)
-    assert np.array_equal(shifted[:, 7:], pixels[:, :-7]) and (shifted[:, :7] == 128).all()
+    assert np.array_equal(shifted[:, 7:], values[:, :-7]) and (shifted[:, :7] == 128).all()
     brighter = hwc(apply_op(image, "brightness", 1.0)).astype(int)
-    assert np.abs(brighter - np.minimum(255, pixels * 1.36)).max() <= 1
+    assert np.abs(brighter - np.minimum(255, values * 1.36)).max() <= 1
     rotated = hwc(apply_op(image, "rotate", -1.0))
     assert (rotated[0, 0] == 128).all() and (rotated[-1, -1] == 128).all()
     with pytest.raises(ValueError):

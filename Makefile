@@ -55,8 +55,8 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
-# Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): 264 tests in 53 s
-# (58 s with pytest's start-up) on the quiet 2-core dev machine, 2026-12-06.
+# Unit tests only (tests/unit: no ranks, launchers, cluster or training runs): 279 tests in 49 s
+# (about 55 s with pytest's start-up) on the quiet 2-core dev machine, 2026-12-06.
 test-fast: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile tests/unit
 

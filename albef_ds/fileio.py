@@ -1,12 +1,17 @@
-"""File helpers used by every room: atomic writes, reading torch files, telling file kinds apart."""
+"""File helpers used by every room: atomic writes, reading torch files, telling file kinds apart,
+and files named on the Hugging Face hub where the hub cannot be reached."""
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
+import socket
 import struct
 import tempfile
+import urllib.parse
 import zipfile
+from typing import Optional
 
 import torch
 
@@ -95,3 +100,47 @@ def torch_load(path: str, trusted: bool = False, allowed: tuple = ()):
                               f"when loaded: refused; {TRUST_HINT}") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError ... on bad files
         raise ConversionError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+# ---- files named on the Hugging Face hub ---------------------------------------------------------
+
+HUB_PROBE_SECONDS = 3.0
+
+
+@functools.cache               # asked once per process
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face hub cannot be reached from here (None when it can): HF_HUB_OFFLINE is
+    set, or no connection to its endpoint opens within HUB_PROBE_SECONDS (a compute node without
+    internet)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def hub_cache_only() -> Optional[str]:
+    """Call before anything asks the hub for a file (tokenizers, transformers, timm): where the hub
+    cannot be reached, its client reads the local cache alone from then on, in this process and
+    the ones it starts, and the reason is returned. Otherwise the client would retry every file
+    for about 30 s, printing each retry, before it looked in its cache."""
+    reason = hub_unreachable()
+    if reason is not None:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True      # what HF_HUB_OFFLINE=1 sets; the three libraries read it per call
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    return reason
+
+
+def hub_cached(repo_id: str, filename: str) -> bool:
+    """Whether the local Hugging Face cache holds `filename` of `repo_id` (its main revision)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .config import ConfigError
+from .fileio import hub_cache_only
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -94,7 +95,8 @@ def read_vocab(path: str) -> dict[str, int]:
 def build_tokenizer(name_or_path: str) -> BertTokenizer:
     """A BERT tokenizer from a vocab file, a local folder (a transformers tokenizer: its
     tokenizer.json, or its vocab.txt with tokenizer_config.json's do_lower_case) or a hub name
-    (`bert-base-uncased`: its tokenizer.json, fetched by `tokenizers` through huggingface_hub).
+    (`bert-base-uncased`: its tokenizer.json, fetched by `tokenizers` through huggingface_hub; from
+    the local cache alone where the hub cannot be reached).
 
     A bare file name is looked up in the package's configs folder first, so configs can name the
     shipped tiny vocabulary portably.
@@ -116,9 +118,13 @@ def build_tokenizer(name_or_path: str) -> BertTokenizer:
             with open(settings, encoding="utf-8") as f:
                 lowercase = json.load(f).get("do_lower_case", True)
         return BertTokenizer(wordpiece(read_vocab(vocab), lowercase), name_or_path)
+    unreachable = hub_cache_only()
     try:
         return BertTokenizer(Tokenizer.from_pretrained(name_or_path), name_or_path)
     except Exception as exc:      # the hub client raises its own kinds (offline, unknown name)
+        if unreachable:
+            raise ConfigError(f"tokenizer '{name_or_path}' is neither a vocab file nor a folder, nor in the "
+                              f"Hugging Face cache, and the hub cannot be reached ({unreachable})") from None
         raise ConfigError(f"tokenizer '{name_or_path}' is neither a vocab file nor a folder, and the hub "
                           f"could not give it: {type(exc).__name__}: {exc}") from None
 

@@ -22,6 +22,8 @@ from ..checkpoint.elastic import ResumePlan
 from ..cli import check_writable_folder
 from ..config import Config, ConfigError, check_config
 from ..data.shards import resolve_corpora
+from ..fileio import hub_cache_only, hub_cached
+from ..models.vit import TIMM_HUB_FILES, timm_hub_repo
 from ..tasks import get_task
 from ..tasks.base import Task
 from ..tokenizer import build_tokenizer
@@ -75,6 +77,7 @@ def preflight(cfg: Config, ds_config: Union[str, dict], output_dir: str, resume:
     task.check(world)
     task.check_annotations()
     check_select_metric(cfg, task)
+    check_hub_weights(cfg)
     if reads_data:
         check_tokenizer(cfg)
         check_corpora(cfg)
@@ -99,6 +102,26 @@ def check_select_metric(cfg: Config, task: Task) -> None:
 
 def select_metric(cfg: Config, task: Task) -> str:
     return cfg.eval.select_metric or task.select_metric
+
+
+def check_hub_weights(cfg: Config) -> None:
+    """The encoder weights the config names on the Hugging Face hub can be had: where the hub
+    cannot be reached, from the local cache (else the build would fail after the work began)."""
+    if cfg.model.init_checkpoint:
+        return                  # the checkpoint holds every weight: none is fetched
+    t, v = cfg.model.text, cfg.model.vision
+    wanted = []                 # (key, what, hub repo, the files any of which will do)
+    if isinstance(t.pretrained, str) and not os.path.isdir(t.pretrained):
+        wanted.append(("model.text.pretrained", f"'{t.pretrained}'", t.pretrained, ("config.json",)))
+    if v.pretrained is True and timm_hub_repo(v.timm_name):
+        wanted.append(("model.vision.pretrained", f"timm's weights of {v.timm_name}", timm_hub_repo(v.timm_name),
+                       TIMM_HUB_FILES))
+    unreachable = hub_cache_only() if wanted else None
+    for key, what, repo, files in wanted if unreachable else ():
+        if not any(hub_cached(repo, name) for name in files):
+            raise ConfigError(f"{key}: {what} (hub repo {repo}) is not in the Hugging Face cache, and the hub "
+                              f"cannot be reached ({unreachable}): download it where it can be "
+                              f"(huggingface-cli download {repo}) or name local weights")
 
 
 def check_tokenizer(cfg: Config) -> None:

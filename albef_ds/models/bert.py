@@ -12,6 +12,7 @@ memory-efficient kernels on GPU.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
+from ..fileio import hub_cache_only
 
 
 class QKV(nn.Module):
@@ -331,6 +333,8 @@ def load_hf_bert(module: BertTextFusion, name_or_path: str) -> list[str]:
     checkpoint did not provide (the cross-attention layers, which ALBEF initialises afresh)."""
     from transformers import BertConfig, BertForMaskedLM
 
+    if not os.path.isdir(name_or_path):
+        hub_cache_only()          # a hub name: from the local cache alone where the hub cannot be reached
     hf_cfg = BertConfig.from_pretrained(name_or_path)
     cfg = module.cfg
     expected = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,

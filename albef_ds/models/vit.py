@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..config import VisionConfig
+from ..fileio import hub_cache_only
 
 # The pixel statistics ALBEF's image encoder is trained and evaluated with (CLIP's), RGB.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,6 +62,8 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"model.vision.pretrained: no weights file at '{pretrained}'")
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained, "num_classes": 0}
+    elif pretrained:
+        hub_cache_only()          # timm's hub weights: from the local cache alone where the hub cannot be reached
     vit = timm.create_model(cfg.timm_name, pretrained=bool(pretrained), **kwargs)
     vit.register_forward_pre_hook(_normalise_input)       # uint8 pixels in: see image_input
     vit.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -68,6 +71,16 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
         with torch.no_grad():
             vit.pos_embed.copy_(sincos_pos_embed(cfg.img_size // cfg.patch_size, cfg.width))
     return vit
+
+
+# the files timm's loader looks for in a hub repo, in its order
+TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def timm_hub_repo(timm_name: str):
+    """The Hugging Face hub repo timm fetches `timm_name`'s pretrained weights from (None: timm
+    downloads them by URL instead)."""
+    return timm.models.get_pretrained_cfg(timm_name).hf_hub_id or None
 
 
 def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:

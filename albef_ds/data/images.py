@@ -60,7 +60,7 @@ class EncodedJpeg:
                 image = decode_image(self.data)
             except Exception as error:      # PIL raises many types on broken files
                 raise CorruptImage(str(error)) from error
-            return pixels(image.crop((left, top, left + width, top + height)))
+            return region_pixels(image, left, top, width, height)
         return out.permute(2, 0, 1)
 
 
@@ -114,5 +114,5 @@ def all_pixels(image: Decoded) -> torch.Tensor:
 @functools.cache          # once per process
 def _say_missing():
     log.warning("albef_ds.data._jpeg is not built (%s): JPEGs are decoded whole by Pillow, about "
-                "0.6 ms more per training sample; reinstall with libjpeg-turbo's headers "
+                "half a millisecond more per training sample; reinstall with libjpeg-turbo's headers "
                 "(Debian: apt-get install libjpeg62-turbo-dev; pip install -e .)", _JPEG_MISSING)

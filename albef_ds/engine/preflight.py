@@ -113,11 +113,15 @@ def check_hub_weights(cfg: Config) -> None:
     wanted = []                 # (key, what, hub repo, the files any of which will do)
     if isinstance(t.pretrained, str) and not os.path.isdir(t.pretrained):
         wanted.append(("model.text.pretrained", f"'{t.pretrained}'", t.pretrained, ("config.json",)))
-    if v.pretrained is True and timm_hub_repo(v.timm_name):
-        wanted.append(("model.vision.pretrained", f"timm's weights of {v.timm_name}", timm_hub_repo(v.timm_name),
-                       TIMM_HUB_FILES))
-    unreachable = hub_cache_only() if wanted else None
-    for key, what, repo, files in wanted if unreachable else ():
+    vision_repo = timm_hub_repo(v.timm_name) if v.pretrained is True else None
+    if vision_repo:
+        wanted.append(("model.vision.pretrained", f"timm's weights of {v.timm_name}", vision_repo, TIMM_HUB_FILES))
+    if not wanted:
+        return
+    unreachable = hub_cache_only()
+    if unreachable is None:
+        return                  # the hub fetches what is not cached
+    for key, what, repo, files in wanted:
         if not any(hub_cached(repo, name) for name in files):
             raise ConfigError(f"{key}: {what} (hub repo {repo}) is not in the Hugging Face cache, and the hub "
                               f"cannot be reached ({unreachable}): download it where it can be "
